@@ -1,0 +1,48 @@
+"""Shared checks and helpers for the pure selection methods (no vLLM import)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Order = Literal["spatial", "selection"]
+ORDERS: tuple[str, ...] = ("spatial", "selection")
+
+
+def check_keep(keep: object) -> int:
+    """Return `keep` as an int, or raise ValueError if it is not an integer >= 1."""
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise ValueError(
+            f"keep must be an integer >= 1 (number of visual tokens to keep), "
+            f"got {keep!r} of type {type(keep).__name__}"
+        )
+    if keep < 1:
+        raise ValueError(
+            f"keep must be an integer >= 1 (number of visual tokens to keep), got {keep}"
+        )
+    return keep
+
+
+def check_order(order: object) -> Order:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+    return order  # type: ignore[return-value]
+
+
+def unit_rows(features: torch.Tensor, eps: float) -> torch.Tensor:
+    """L2-normalise each row of `features` [N, D] in float32 (norm clamped at `eps`)."""
+    return F.normalize(features.float(), dim=-1, eps=eps)
+
+
+def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
+    """Return picked indices [K] (int64) in the requested order."""
+    if order == "spatial":
+        return torch.sort(picked).values
+    return picked
+
+
+def descending_stable(scores: torch.Tensor) -> torch.Tensor:
+    """Indices [N] sorting `scores` [N] high to low; ties keep the lower index first."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices

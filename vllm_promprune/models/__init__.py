@@ -1,0 +1,1 @@
+"""vLLM model classes with visual-token pruning, one module per model family."""

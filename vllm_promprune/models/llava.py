@@ -1,0 +1,77 @@
+"""Pruned LLaVA-1.5: selection right after the CLIP tower and projector."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from .clip_saliency import clip_features_and_cls_attention
+from .common import (
+    SETTINGS_FIELD,
+    PruningProcessorMixin,
+    decode_settings,
+    keep_rows,
+    profiled_items_per_batch,
+)
+
+
+class PromPruneLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # Unpruned N: memory profiling and the encoder cache stay worst-case.
+        return {"image": self.get_max_image_tokens()}
+
+
+class PromPruneLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
+    def num_images(self, processed_data: BatchFeature) -> int:
+        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
+        return 0 if images is None else len(images)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PromPruneLlavaMultiModalProcessor,
+    info=PromPruneLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-1.5 whose image embeddings are the K tokens the settings select."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        vision = self.config.vision_config
+        self.tokens_per_image = (vision.image_size // vision.patch_size) ** 2
+        self.encoder_micro_batch = profiled_items_per_batch(vllm_config, self.tokens_per_image)
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        field = kwargs.pop(SETTINGS_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)
+        pixel_values = image_input["pixel_values"]
+        settings = decode_settings(field, len(pixel_values))
+        if not any(s.prunes(self.tokens_per_image) for s in settings):
+            return self._process_image_input(image_input)  # exactly the stock path
+
+        embeddings: list[torch.Tensor] = []
+        for start in range(0, len(pixel_values), self.encoder_micro_batch):
+            chunk = pixel_values[start : start + self.encoder_micro_batch]
+            features, cls_attention = clip_features_and_cls_attention(self.vision_tower, chunk)
+            projected = self.multi_modal_projector(features)
+            embeddings.extend(
+                keep_rows(projected[i], cls_attention[i], settings[start + i])
+                for i in range(len(chunk))
+            )
+        return embeddings

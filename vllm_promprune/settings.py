@@ -1,0 +1,95 @@
+"""Per-request pruning settings: parsing, validation, defaults and transport.
+
+A request carries `{"promprune": {"keep": 64, "method": "promprune", ...options}}`
+in `mm_processor_kwargs`. The server-wide default lives in the model config
+(`--hf-overrides '{"promprune": {...}}'`, written by `vllm-promprune serve --keep`)
+and is merged key by key under the request's settings. No settings, or no
+`keep`, means no pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from .methods import METHODS, ORDERS, Order, parse_options
+
+SETTINGS_KEY = "promprune"
+"""Key of the settings dict in `mm_processor_kwargs` and in the model config."""
+
+_RESERVED = ("keep", "method", "order")
+
+
+class PruneSettings(BaseModel):
+    """Validated pruning settings for one image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep: StrictInt | None = Field(
+        None, ge=1, description="Visual tokens to keep per image; None keeps all."
+    )
+    method: str = Field("promprune", description=f"One of {sorted(METHODS)}.")
+    order: Order = Field("spatial", description=f"Order fed to the LLM: {list(ORDERS)}.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Validated method options."
+    )
+
+    def kept_tokens(self, num_tokens: int) -> int:
+        """Number of visual tokens an image of `num_tokens` keeps (= placeholders)."""
+        return num_tokens if self.keep is None else min(self.keep, num_tokens)
+
+    def prunes(self, num_tokens: int) -> bool:
+        return self.kept_tokens(num_tokens) < num_tokens
+
+    def to_tensor(self) -> torch.Tensor:
+        """Encode as a uint8 tensor (multimodal kwargs cannot carry strings)."""
+        return torch.frombuffer(bytearray(self.model_dump_json().encode()), dtype=torch.uint8)
+
+    @classmethod
+    def from_tensor(cls, data: torch.Tensor) -> PruneSettings:
+        return cls.model_validate_json(bytes(data.to(torch.uint8).tolist()))
+
+
+NO_PRUNING = PruneSettings()
+
+
+def parse_settings(
+    raw: Mapping[str, object] | None,
+    default: Mapping[str, object] | None = None,
+    option_defaults: Mapping[str, object] | None = None,
+) -> PruneSettings:
+    """Validate request settings merged over the server default, key by key.
+
+    `option_defaults` are model-family defaults for method options (e.g. mu for
+    Qwen2.5-VL) applied when the method accepts them and neither the request
+    nor the server default sets them. Raises ValueError naming the bad field.
+    """
+    for name, value in (("promprune", raw), ("server default promprune", default)):
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"{name} settings must be an object, got {type(value).__name__}")
+    merged: dict[str, object] = {**(default or {}), **(raw or {})}
+    method = merged.get("method", "promprune")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"promprune.method must be one of {sorted(METHODS)}, got {method!r}")
+    options = {k: v for k, v in merged.items() if k not in _RESERVED}
+    accepted = METHODS[method].options.model_fields
+    for name, value in (option_defaults or {}).items():
+        if name in accepted:
+            options.setdefault(name, value)
+    try:
+        parsed_options = parse_options(method, options)
+        return PruneSettings(
+            keep=merged.get("keep"),
+            method=method,
+            order=merged.get("order", "spatial"),
+            options=parsed_options.model_dump(),
+        )
+    except ValidationError as error:
+        problems = "; ".join(
+            f"promprune.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})"
+            for e in error.errors()
+        )
+        raise ValueError(f"invalid promprune settings: {problems}") from None
