@@ -86,7 +86,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
 
 def build_tokenizer(vocab_size: int, seed: int):
     """A byte-level BPE tokenizer trained on a seeded synthetic corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
@@ -99,6 +99,10 @@ def build_tokenizer(vocab_size: int, seed: int):
         show_progress=False,
     )
     core.train_from_iterator(_corpus(seed), trainer=trainer)
+    # Like LLaVA's Llama tokenizer: BOS is added when add_special_tokens=True.
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token="<unk>",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from .methods import METHODS, ORDERS, Order, parse_options
+from .methods import METHODS, ORDERS, Order, parse_options, select_tokens
 
 SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
@@ -43,6 +43,15 @@ class PruneSettings(BaseModel):
 
     def prunes(self, num_tokens: int) -> bool:
         return self.kept_tokens(num_tokens) < num_tokens
+
+    def kept_indices(self, features: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
+        """Indices [kept_tokens(N)] of the tokens to keep: features [N, D], saliency [N]."""
+        num_tokens = features.shape[0]
+        if not self.prunes(num_tokens):
+            return torch.arange(num_tokens, device=features.device)
+        return select_tokens(
+            self.method, features, self.keep, saliency=saliency, order=self.order, **self.options
+        )
 
     def to_tensor(self) -> torch.Tensor:
         """Encode as a uint8 tensor (multimodal kwargs cannot carry strings)."""

@@ -20,7 +20,6 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from ..methods import select_tokens
 from ..settings import SETTINGS_KEY, PruneSettings, parse_settings
 
 SETTINGS_FIELD = "promprune_settings"
@@ -135,21 +134,9 @@ def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
 
 
 def keep_rows(embeds: torch.Tensor, saliency: torch.Tensor, settings: PruneSettings) -> torch.Tensor:
-    """Select one image's rows: embeds [N, D], saliency [N] -> [K, D]."""
+    """Select one image's rows: embeds [N, D], saliency [N] -> [K, D], K asserted."""
     expected = settings.kept_tokens(embeds.shape[0])
-    if expected == embeds.shape[0]:
-        return embeds
-    index = select_tokens(
-        settings.method,
-        embeds,
-        settings.keep,
-        saliency=saliency,
-        order=settings.order,
-        **settings.options,
-    )
-    rows = embeds[index]
+    rows = embeds[settings.kept_indices(embeds, saliency)]
     if rows.shape[0] != expected:
-        raise AssertionError(
-            f"pruning returned {rows.shape[0]} rows for {expected} placeholders"
-        )
+        raise AssertionError(f"pruning returned {rows.shape[0]} rows for {expected} placeholders")
     return rows

