@@ -95,10 +95,9 @@ def _greedy_log_det_reference(features: torch.Tensor, k: int, first: int) -> lis
 def test_dpp_matches_textbook_greedy_determinant(seed: int) -> None:
     features = torch.randn(24, 8, generator=_generator(seed))
     picked = dpp_greedy_map(features, 6).tolist()
-    # First pick: argmax of the float32 kernel diagonal (all 1 up to rounding).
-    diagonal = torch.nn.functional.normalize(features, dim=-1, eps=1e-6).pow(2).sum(-1)
-    assert picked[0] == int(diagonal.argmax())
-    assert picked == _greedy_log_det_reference(features, 6, first=picked[0])
+    # First pick: the diagonal is all 1 (up to rounding), ties -> first index.
+    assert picked[0] == 0
+    assert picked == _greedy_log_det_reference(features, 6, first=0)
 
 
 def test_dpp_never_repeats_on_rank_deficient_kernel() -> None:
@@ -107,6 +106,12 @@ def test_dpp_never_repeats_on_rank_deficient_kernel() -> None:
     features[5] = features[4]  # exact duplicate too
     picked = dpp_greedy_map(features, 20)
     assert sorted(picked.tolist()) == list(range(20))
+
+
+def test_dpp_first_pick_without_stage_one_skips_zero_tokens() -> None:
+    features = torch.randn(10, 6, generator=_generator(11))
+    features[:3] = 0.0  # zero tokens have a zero kernel diagonal
+    assert int(dpp_greedy_map(features, 1)[0]) == 3
 
 
 def test_dpp_first_pick_is_least_covered_token() -> None:

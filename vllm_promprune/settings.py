@@ -62,8 +62,6 @@ class PruneSettings(BaseModel):
         return cls.model_validate_json(bytes(data.to(torch.uint8).tolist()))
 
 
-NO_PRUNING = PruneSettings()
-
 
 def parse_settings(
     raw: Mapping[str, object] | None,

@@ -14,6 +14,9 @@ from .common import unit_rows
 
 _FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
+# The kernel diagonal of unit rows is 1 up to float32 rounding; values this close
+# to the maximum count as ties, so the first pick does not depend on rounding noise.
+_DIAGONAL_TIE = 1e-5
 
 
 def dpp_greedy_map(
@@ -30,7 +33,9 @@ def dpp_greedy_map(
         covered_by: optional [S, D] features already selected by another stage.
             If given (S > 0), the first pick is the candidate whose maximum cosine
             similarity to any of them is smallest (the least-covered candidate);
-            otherwise the first pick is the argmax of the kernel diagonal.
+            otherwise the first pick is the argmax of the kernel diagonal, where
+            values within 1e-5 of the maximum tie (all are 1 but for rounding)
+            and ties go to the lowest index.
 
     Returns:
         [k] int64 indices into `features`, in pick order, all distinct.
@@ -56,7 +61,8 @@ def dpp_greedy_map(
         coverage = y @ unit_rows(covered_by, _FEATURE_EPS).T  # [M, S]
         current = coverage.amax(dim=1).argmin()
     else:
-        current = gains.argmax()
+        near_max = gains >= gains.max() - _DIAGONAL_TIE
+        current = near_max.to(torch.int8).argmax()  # first True: no host sync
 
     for step in range(k):
         picked[step] = current

@@ -1,0 +1,62 @@
+"""Request settings: merge with the server default, validation, transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_promprune.settings import PruneSettings, parse_settings
+
+
+def test_no_settings_means_no_pruning() -> None:
+    assert parse_settings(None).keep is None
+    assert parse_settings({}).keep is None
+    assert not parse_settings(None).prunes(576)
+
+
+def test_request_keys_override_server_default_key_by_key() -> None:
+    default = {"keep": 64, "mu": 0.5}
+    merged = parse_settings({"tau": 0.05}, default)
+    assert (merged.keep, merged.options["mu"], merged.options["tau"]) == (64, 0.5, 0.05)
+    assert parse_settings({"keep": 16}, default).keep == 16
+    assert parse_settings({"keep": None}, default).keep is None  # a request can opt out
+
+
+def test_family_option_defaults_apply_only_when_unset() -> None:
+    assert parse_settings({"keep": 8}, option_defaults={"mu": 0.5744}).options["mu"] == 0.5744
+    assert parse_settings({"keep": 8, "mu": 0.3}, option_defaults={"mu": 0.5744}).options["mu"] == 0.3
+    # uniform has no mu: the family default is not forced on it
+    assert parse_settings({"keep": 8, "method": "uniform"}, option_defaults={"mu": 0.5}).options == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"keep": 0}, "promprune.keep"),
+        ({"keep": -1}, "promprune.keep"),
+        ({"keep": 1.5}, "promprune.keep"),
+        ({"keep": "64"}, "promprune.keep"),
+        ({"keep": True}, "promprune.keep"),
+        ({"keep": 8, "method": "magic"}, "promprune.method"),
+        ({"keep": 8, "order": "random"}, "promprune.order"),
+        ({"keep": 8, "mu": "high"}, "mu"),
+        ({"keep": 8, "tau": 0}, "tau"),
+        ({"keep": 8, "kr_min": 0.9, "kr_max": 0.1}, "kr_min"),
+        ({"keep": 8, "bogus": 1}, "bogus"),
+        ({"keep": 8, "method": "uniform", "mu": 0.4}, "mu"),
+    ],
+)
+def test_bad_settings_name_the_field(raw: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        parse_settings(raw)
+
+
+def test_settings_must_be_an_object() -> None:
+    with pytest.raises(ValueError, match="must be an object"):
+        parse_settings(64)  # type: ignore[arg-type]
+
+
+def test_tensor_round_trip_and_counts() -> None:
+    settings = parse_settings({"keep": 64, "order": "selection", "mu": 0.3})
+    assert PruneSettings.from_tensor(settings.to_tensor()) == settings
+    assert settings.kept_tokens(576) == 64
+    assert settings.kept_tokens(40) == 40 and not settings.prunes(40)
