@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from .methods import METHODS, ORDERS, Order, parse_options, select_tokens
+from .methods.common import describe_validation_error
 
 SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
@@ -62,7 +63,6 @@ class PruneSettings(BaseModel):
         return cls.model_validate_json(bytes(data.to(torch.uint8).tolist()))
 
 
-
 def parse_settings(
     raw: Mapping[str, object] | None,
     default: Mapping[str, object] | None = None,
@@ -80,14 +80,14 @@ def parse_settings(
     merged: dict[str, object] = {**(default or {}), **(raw or {})}
     method = merged.get("method", "promprune")
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"promprune.method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ValueError(f"{SETTINGS_KEY}.method must be one of {sorted(METHODS)}, got {method!r}")
     options = {k: v for k, v in merged.items() if k not in _RESERVED}
     accepted = METHODS[method].options.model_fields
     for name, value in (option_defaults or {}).items():
         if name in accepted:
             options.setdefault(name, value)
+    parsed_options = parse_options(method, options, field_prefix=f"{SETTINGS_KEY}.")
     try:
-        parsed_options = parse_options(method, options)
         return PruneSettings(
             keep=merged.get("keep"),
             method=method,
@@ -95,8 +95,5 @@ def parse_settings(
             options=parsed_options.model_dump(),
         )
     except ValidationError as error:
-        problems = "; ".join(
-            f"promprune.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})"
-            for e in error.errors()
-        )
-        raise ValueError(f"invalid promprune settings: {problems}") from None
+        problems = describe_validation_error(error, f"{SETTINGS_KEY}.", list(_RESERVED))
+        raise ValueError(f"invalid {SETTINGS_KEY} settings: {problems}") from None

@@ -7,12 +7,13 @@ transformers reference path and researchers' own code.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .common import ORDERS, Order, check_keep, check_order, finish_order
+from .common import ORDERS, Order, check_keep, check_order, describe_validation_error, finish_order
 from .dpp import dpp_greedy_map
 from .promprune import PromPruneOptions, promprune_select, saliency_budget, spectral_entropy
 
@@ -21,49 +22,52 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _uniform_select(features: torch.Tensor, saliency: torch.Tensor | None, keep: int, options: NoOptions) -> torch.Tensor:
+class TokenInputs(NamedTuple):
+    """What a method may look at for one image."""
+
+    features: torch.Tensor  # [N, D] projected features
+    saliency: torch.Tensor | None  # [N] CLS attention
+    pre_features: torch.Tensor | None  # [N, Dv] pre-projector features
+
+
+def _uniform(inputs: TokenInputs, keep: int, options: NoOptions) -> torch.Tensor:
     """Evenly strided positions: floor(i * N / K) for i in 0..K-1."""
-    num_tokens = features.shape[0]
-    return torch.arange(keep, device=features.device) * num_tokens // keep
+    num_tokens = inputs.features.shape[0]
+    return torch.arange(keep, device=inputs.features.device) * num_tokens // keep
 
 
-def _promprune(features: torch.Tensor, saliency: torch.Tensor | None, keep: int, options: PromPruneOptions) -> torch.Tensor:
-    if saliency is None:
+def _promprune(inputs: TokenInputs, keep: int, options: PromPruneOptions) -> torch.Tensor:
+    if inputs.saliency is None:
         raise ValueError("method 'promprune' needs saliency scores (CLS attention, shape [N])")
-    return promprune_select(features, saliency, keep, options)
+    return promprune_select(inputs.features, inputs.saliency, keep, options)
 
 
+@dataclass(frozen=True)
 class MethodSpec:
-    """A selection method: its options model and its selection function."""
+    """A selection method: its options model and its function (returns [K] indices, 1 <= K < N)."""
 
-    def __init__(
-        self,
-        options: type[BaseModel],
-        select: Callable[[torch.Tensor, torch.Tensor | None, int, Any], torch.Tensor],
-        needs_saliency: bool,
-    ) -> None:
-        self.options = options
-        self.select = select
-        self.needs_saliency = needs_saliency
+    options: type[BaseModel]
+    select: Callable[[TokenInputs, int, Any], torch.Tensor]
 
 
 METHODS: Mapping[str, MethodSpec] = {
-    "promprune": MethodSpec(PromPruneOptions, _promprune, needs_saliency=True),
-    "uniform": MethodSpec(NoOptions, _uniform_select, needs_saliency=False),
+    "promprune": MethodSpec(PromPruneOptions, _promprune),
+    "uniform": MethodSpec(NoOptions, _uniform),
 }
 
 
-def parse_options(method: str, options: Mapping[str, object]) -> BaseModel:
-    """Validate `options` for `method`; unknown methods or options raise ValueError."""
+def parse_options(method: str, options: Mapping[str, object], field_prefix: str = "") -> BaseModel:
+    """Validate `options` for `method`; unknown methods or options raise ValueError.
+
+    Messages name each bad field as `{field_prefix}{name}`.
+    """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ValueError(f"{field_prefix}method must be one of {sorted(METHODS)}, got {method!r}")
+    model = METHODS[method].options
     try:
-        return METHODS[method].options(**options)
+        return model(**options)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
-            for e in error.errors()
-        )
+        problems = describe_validation_error(error, field_prefix, list(model.model_fields))
         raise ValueError(f"invalid options for method {method!r}: {problems}") from None
 
 
@@ -101,10 +105,9 @@ def select_tokens(
         raise ValueError(
             f"saliency must have shape [N]=[{num_tokens}], got {tuple(saliency.shape)}"
         )
-    del pre_features  # used by baselines that are not implemented yet
     if keep >= num_tokens:
         return torch.arange(num_tokens, device=features.device)
-    picked = METHODS[method].select(features, saliency, keep, parsed)
+    picked = METHODS[method].select(TokenInputs(features, saliency, pre_features), keep, parsed)
     return finish_order(picked, order)
 
 
@@ -112,6 +115,7 @@ __all__ = [
     "METHODS",
     "ORDERS",
     "PromPruneOptions",
+    "TokenInputs",
     "dpp_greedy_map",
     "parse_options",
     "saliency_budget",

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 Order = Literal["spatial", "selection"]
 ORDERS: tuple[str, ...] = ("spatial", "selection")
@@ -46,3 +47,17 @@ def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
 def descending_stable(scores: torch.Tensor) -> torch.Tensor:
     """Indices [N] sorting `scores` [N] high to low; ties keep the lower index first."""
     return torch.sort(scores.float(), descending=True, stable=True).indices
+
+
+def describe_validation_error(error: ValidationError, field_prefix: str, allowed: list[str]) -> str:
+    """One line per problem, each naming the field as `{field_prefix}{name}`."""
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{field_prefix}{name}: unknown option (allowed: {', '.join(allowed) or 'none'})")
+        elif name:
+            problems.append(f"{field_prefix}{name}: {item['msg']} (got {item['input']!r})")
+        else:
+            problems.append(f"{field_prefix.rstrip('.') or 'options'}: {item['msg']}")
+    return "; ".join(problems)
