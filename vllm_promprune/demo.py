@@ -50,6 +50,15 @@ def _post(url: str, body: dict) -> dict:
     return response.json()
 
 
+def _median_seconds(url: str, body: dict, repeats: int = 3) -> float:
+    timings = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        _post(url, body)
+        timings.append(time.monotonic() - started)
+    return statistics.median(timings)
+
+
 def run_demo(model_dir: Path, size: str, keep: int, port: int) -> None:
     if not (model_dir / "config.json").is_file():
         print(f"building the offline {size} LLaVA-1.5 checkpoint in {model_dir} ...", flush=True)
@@ -69,17 +78,13 @@ def run_demo(model_dir: Path, size: str, keep: int, port: int) -> None:
         # One warm-up request, then the median of three timed ones per setting.
         _post(server.url, chat_request("llava-offline", image_url, None))
         for label, settings in (("no pruning", None), (f"keep={keep}", {"keep": keep})):
-            body = chat_request("llava-offline", image_url, settings)
-            timings, answer = [], {}
-            for _ in range(3):
-                started = time.monotonic()
-                answer = _post(server.url, body)
-                timings.append(time.monotonic() - started)
+            prefill = _median_seconds(server.url, chat_request("llava-offline", image_url, settings, max_tokens=1))
+            full = _median_seconds(server.url, chat_request("llava-offline", image_url, settings))
+            answer = _post(server.url, chat_request("llava-offline", image_url, settings))
             usage = answer["usage"]
             print(
                 f"{label:>12}: usage.prompt_tokens={usage['prompt_tokens']:4d}  "
-                f"completion_tokens={usage['completion_tokens']}  "
-                f"median latency={statistics.median(timings):.2f} s  "
+                f"median latency: 1 token {prefill:.2f} s, {usage['completion_tokens']} tokens {full:.2f} s  "
                 f"answer={answer['choices'][0]['message']['content']!r}"
             )
         print("(random seeded weights: the answers are meaningless; the token counts are the point)")
