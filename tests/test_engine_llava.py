@@ -32,6 +32,19 @@ REFERENCE_SETTINGS = [
     {"keep": 64, "mu": 0.1},  # Hn > mu: all coverage (DPP)
     {"keep": 16, "order": "selection", "mu": 0.31, "tau": 0.05},  # sigmoid mix
     {"keep": 48, "kr_min": 0.5, "kr_max": 0.5},  # fixed half/half
+    {"keep": 32, "mu": 0.1, "coverage": "fps"},
+    {"keep": 32, "mu": 0.1, "coverage": "fl"},
+    {"keep": 32, "entropy": "attention"},
+    {"keep": 32, "fixed_share": 0.25},
+    {"keep": 32, "method": "prunesid"},  # CLS + 31 patches
+    {"keep": 32, "method": "visionzip"},  # merged tokens
+    {"keep": 32, "method": "vispruner"},
+    {"keep": 32, "method": "divprune"},
+    {"keep": 32, "method": "fps"},
+    {"keep": 32, "method": "facility_location"},
+    {"keep": 32, "method": "coverage"},
+    {"keep": 32, "method": "saliency"},
+    {"keep": 32, "method": "random", "seed": 3},
     {"keep": 32, "method": "uniform"},
 ]
 
@@ -120,27 +133,35 @@ def test_matches_transformers_reference(pruned_llm, reference, settings: dict) -
 
 
 def test_reference_cases_are_well_conditioned(reference) -> None:  # noqa: ANN001
-    """Guards the test above: its settings use both stages and its selections have margins."""
+    """Guards the test above: its settings use both PromPrune stages, and every
+    selection has margins above float noise (tiny perturbations of the tower
+    outputs leave the image embeddings unchanged)."""
     import torch
 
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
+    from vllm_promprune.pruning import TowerOutput, prune_images
     from vllm_promprune.settings import parse_settings
 
+    projector = reference.model.model.multi_modal_projector
     generator = torch.Generator().manual_seed(0)
+
+    def jitter(values: torch.Tensor, scale: float) -> torch.Tensor:
+        return values + scale * torch.randn(values.shape, generator=generator)
+
     for seed in REFERENCE_SEEDS:
-        pixel_values = reference.processor.image_processor([scene_image(seed)], return_tensors="pt")["pixel_values"]
-        projected, saliency = reference.features_and_saliency(pixel_values)
-        features, saliency = projected[0], saliency[0]
-        entropy = spectral_entropy(features)
+        tower = reference.tower_output(reference.pixel_values([scene_image(seed)]))
+        with torch.inference_mode():
+            entropy = spectral_entropy(projector(tower.hidden[0, 1:]))
         assert saliency_budget(entropy, 64, PromPruneOptions()) == 64
         assert saliency_budget(entropy, 64, PromPruneOptions(mu=0.1)) == 0
         assert 0 < saliency_budget(entropy, 16, PromPruneOptions(mu=0.31, tau=0.05)) < 16
         for raw in REFERENCE_SETTINGS:
-            settings = parse_settings(raw)
-            kept = settings.kept_indices(features, saliency)
-            for _ in range(3):
-                noisy = features + 1e-6 * torch.randn(features.shape, generator=generator)
-                assert torch.equal(settings.kept_indices(noisy, saliency), kept), (seed, raw)
+            settings = [parse_settings(raw)]
+            with torch.inference_mode():
+                clean = prune_images(tower, settings, projector)[0]
+                for _ in range(3):
+                    noisy = TowerOutput(jitter(tower.hidden, 1e-6), jitter(tower.saliency, 1e-9), jitter(tower.keys, 1e-6))
+                    assert torch.allclose(prune_images(noisy, settings, projector)[0], clean, atol=1e-4), (seed, raw)
 
 
 def test_budgets_in_one_batch_with_prefix_caching_equal_solo_runs(pruned_llm) -> None:  # noqa: ANN001

@@ -94,7 +94,7 @@ def _greedy_log_det_reference(features: torch.Tensor, k: int, first: int) -> lis
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dpp_matches_textbook_greedy_determinant(seed: int) -> None:
     features = torch.randn(24, 8, generator=_generator(seed))
-    picked = dpp_greedy_map(features, 6).tolist()
+    picked = dpp_greedy_map(features[None], 6)[0].tolist()
     # First pick: the diagonal is all 1 (up to rounding), ties -> first index.
     assert picked[0] == 0
     assert picked == _greedy_log_det_reference(features, 6, first=0)
@@ -104,14 +104,14 @@ def test_dpp_never_repeats_on_rank_deficient_kernel() -> None:
     # Rank 2: after two picks every residual gain is 0.
     features = concentrated_features(n=20, d=16, seed=3)
     features[5] = features[4]  # exact duplicate too
-    picked = dpp_greedy_map(features, 20)
+    picked = dpp_greedy_map(features[None], 20)[0]
     assert sorted(picked.tolist()) == list(range(20))
 
 
 def test_dpp_first_pick_without_stage_one_skips_zero_tokens() -> None:
     features = torch.randn(10, 6, generator=_generator(11))
     features[:3] = 0.0  # zero tokens have a zero kernel diagonal
-    assert int(dpp_greedy_map(features, 1)[0]) == 3
+    assert int(dpp_greedy_map(features[None], 1)[0, 0]) == 3
 
 
 def test_dpp_first_pick_is_least_covered_token() -> None:
@@ -120,14 +120,17 @@ def test_dpp_first_pick_is_least_covered_token() -> None:
     covered = torch.randn(5, 12, generator=g)
     cosine = torch.nn.functional.normalize(candidates, dim=-1) @ torch.nn.functional.normalize(covered, dim=-1).T
     expected = int(cosine.amax(dim=1).argmin())
-    assert int(dpp_greedy_map(candidates, 3, covered_by=covered)[0]) == expected
+    selected = torch.arange(35) >= 30
+    picked = dpp_greedy_map(torch.cat([candidates, covered])[None], 3, selected=selected[None])[0]
+    assert int(picked[0]) == expected
+    assert not selected[picked].any()
 
 
 def test_promprune_stage_one_is_top_saliency_and_stage_two_starts_least_covered() -> None:
     features = spread_features(n=80, d=64, seed=5)
     saliency = torch.rand(80, generator=_generator(6))
     options = PromPruneOptions(kr_min=0.25, kr_max=0.25)  # fixed 25 % saliency share
-    picked = promprune_select(features, saliency, 16, options)
+    picked = promprune_select(features[None], saliency[None], 16, options)[0]
     salient = torch.topk(saliency, 4).indices
     assert picked[:4].tolist() == salient.tolist()
     rest = [i for i in range(80) if i not in salient.tolist()]
@@ -186,3 +189,59 @@ def test_unknown_method_and_missing_saliency_are_clear_errors() -> None:
 
 def test_uniform_is_evenly_strided() -> None:
     assert select_tokens("uniform", spread_features(), 4).tolist() == [0, 24, 48, 72]
+
+
+def test_batched_dpp_equals_per_image_runs() -> None:
+    features = torch.randn(3, 40, 16, generator=_generator(12))
+    selected = torch.zeros(3, 40, dtype=torch.bool)
+    selected[1, [3, 7, 9]] = True  # one image with a stage-1 set, two without
+    batched = dpp_greedy_map(features, 10, selected=selected)
+    for b in range(3):
+        assert torch.equal(batched[b], dpp_greedy_map(features[b : b + 1], 10, selected=selected[b : b + 1])[0])
+
+
+@pytest.mark.parametrize("coverage", ["dpp", "fps", "fl"])
+def test_batched_promprune_with_different_splits_equals_per_image_runs(coverage: str) -> None:
+    # A concentrated and a spread image in one batch: K_sal = K and K_sal = 0.
+    features = torch.stack([concentrated_features(seed=13), spread_features(seed=14)])
+    saliency = torch.rand(2, 96, generator=_generator(15))
+    options = PromPruneOptions(coverage=coverage)
+    batched = promprune_select(features, saliency, 24, options)
+    singles = [promprune_select(features[b : b + 1], saliency[b : b + 1], 24, options)[0] for b in range(2)]
+    assert [row.tolist() for row in batched] == [row.tolist() for row in singles]
+    assert batched[0].tolist() == torch.topk(saliency[0], 24).indices.tolist()  # all saliency
+
+
+@pytest.mark.parametrize("coverage", ["fps", "fl"])
+def test_coverage_stage_ablation_changes_stage_two_only(coverage: str) -> None:
+    features = spread_features(seed=16)
+    saliency = torch.rand(96, generator=_generator(17))
+    base = dict(kr_min=0.5, kr_max=0.5)
+    dpp = select_tokens("promprune", features, 20, saliency=saliency, order="selection", **base)
+    other = select_tokens("promprune", features, 20, saliency=saliency, order="selection", coverage=coverage, **base)
+    assert dpp[:10].tolist() == other[:10].tolist()  # same stage 1
+    assert dpp[10:].tolist() != other[10:].tolist()
+    assert len(set(other.tolist())) == 20
+
+
+def test_entropy_proxies() -> None:
+    from vllm_promprune.methods.promprune import attention_entropy, feature_norm_entropy
+
+    assert attention_entropy(torch.full((50,), 0.02)).item() == pytest.approx(1.0, abs=1e-6)
+    peaked = torch.full((50,), 1e-6)
+    peaked[3] = 1.0
+    assert attention_entropy(peaked).item() < 0.01
+    equal_norms = torch.nn.functional.normalize(spread_features(), dim=-1)
+    assert feature_norm_entropy(equal_norms).item() == pytest.approx(1.0, abs=1e-6)
+    one_loud = equal_norms.clone()
+    one_loud[0] *= 1e6
+    assert feature_norm_entropy(one_loud).item() < 0.01
+    # The proxy really drives the split: a peaked attention map means low entropy -> saliency.
+    kept = select_tokens("promprune", spread_features(), 8, saliency=peaked.repeat(2)[:96], entropy="attention")
+    assert 3 in kept.tolist() and len(kept) == 8
+
+
+def test_fixed_share_ignores_entropy() -> None:
+    options = PromPruneOptions(fixed_share=0.25)
+    assert saliency_budget(torch.tensor(0.0), 40, options) == 10
+    assert saliency_budget(torch.tensor(1.0), 40, options) == 10

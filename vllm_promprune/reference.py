@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .pruning import TowerOutput, prune_images
 from .settings import PruneSettings, parse_settings
 
 
@@ -27,26 +28,34 @@ class PrunedLlavaReference:
         self.config = model.config
 
     @torch.inference_mode()
-    def features_and_saliency(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected features [B, N, D] and head-mean CLS attention [B, N] (float32)."""
+    def tower_output(self, pixel_values: torch.Tensor) -> TowerOutput:
+        """Selected-layer hidden states, head-mean CLS attention and keys, from transformers."""
         out = self.model.model.vision_tower(
             pixel_values, output_hidden_states=True, output_attentions=True
         )
         hidden_index = self.config.vision_feature_layer % len(out.hidden_states)
         # hidden_states[i] is the output of encoder layer i - 1 (0 is the embeddings).
+        layer = self.model.model.vision_tower.encoder.layers[hidden_index - 1]
         attention = out.attentions[hidden_index - 1]  # [B, H, N+1, N+1]
-        features = out.hidden_states[hidden_index][:, 1:]
-        cls_attention = attention[:, :, 0, 1:].float().mean(dim=1)
-        return self.model.model.multi_modal_projector(features), cls_attention
+        layer_input = layer.layer_norm1(out.hidden_states[hidden_index - 1])
+        batch, length, _ = layer_input.shape
+        heads = layer.self_attn.num_heads
+        keys = layer.self_attn.k_proj(layer_input).float().view(batch, length, heads, -1).mean(dim=2)
+        return TowerOutput(
+            hidden=out.hidden_states[hidden_index],
+            saliency=attention[:, :, 0, 1:].float().mean(dim=1),
+            keys=keys,
+        )
 
-    def pruned_embeddings(self, images: Sequence[object], settings: PruneSettings) -> list[torch.Tensor]:
-        """Kept projected rows per image, [K_i, D] each, in `settings.order`."""
+    def pixel_values(self, images: Sequence[object]) -> torch.Tensor:
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        projected, saliency = self.features_and_saliency(pixel_values.to(self.model.dtype))
-        return [
-            projected[i][settings.kept_indices(projected[i], saliency[i])]
-            for i in range(len(projected))
-        ]
+        return pixel_values.to(self.model.dtype)
+
+    @torch.inference_mode()
+    def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+        """The LLM's image embeddings, one [K_i, D] tensor per image."""
+        tower = self.tower_output(self.pixel_values(images))
+        return prune_images(tower, settings, self.model.model.multi_modal_projector)
 
     @torch.inference_mode()
     def greedy(
@@ -69,7 +78,7 @@ class PrunedLlavaReference:
         if not isinstance(settings, PruneSettings):
             settings = parse_settings(settings)
         image_token = self.config.image_token_index
-        kept = self.pruned_embeddings(images, settings)
+        kept = self.pruned_embeddings(images, [settings] * len(images))
         if sum(1 for t in prompt_ids if t == image_token) != len(kept):
             raise ValueError("prompt must contain exactly one image token per image")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from .methods import METHODS, ORDERS, Order, parse_options, select_tokens
+from .methods import METHODS, ORDERS, Order, check_method, parse_options
 from .methods.common import describe_validation_error
 
 SETTINGS_KEY = "promprune"
@@ -45,14 +45,9 @@ class PruneSettings(BaseModel):
     def prunes(self, num_tokens: int) -> bool:
         return self.kept_tokens(num_tokens) < num_tokens
 
-    def kept_indices(self, features: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
-        """Indices [kept_tokens(N)] of the tokens to keep: features [N, D], saliency [N]."""
-        num_tokens = features.shape[0]
-        if not self.prunes(num_tokens):
-            return torch.arange(num_tokens, device=features.device)
-        return select_tokens(
-            self.method, features, self.keep, saliency=saliency, order=self.order, **self.options
-        )
+    def options_model(self) -> BaseModel:
+        """The method's validated options object."""
+        return METHODS[self.method].options(**self.options)
 
     def to_tensor(self) -> torch.Tensor:
         """Encode as a uint8 tensor (multimodal kwargs cannot carry strings)."""
@@ -78,9 +73,7 @@ def parse_settings(
         if value is not None and not isinstance(value, Mapping):
             raise ValueError(f"{name} settings must be an object, got {type(value).__name__}")
     merged: dict[str, object] = {**(default or {}), **(raw or {})}
-    method = merged.get("method", "promprune")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{SETTINGS_KEY}.method must be one of {sorted(METHODS)}, got {method!r}")
+    method = check_method(merged.get("method", "promprune"), f"{SETTINGS_KEY}.")
     options = {k: v for k, v in merged.items() if k not in _RESERVED}
     accepted = METHODS[method].options.model_fields
     for name, value in (option_defaults or {}).items():

@@ -1,7 +1,16 @@
 """Pure torch visual-token selection methods (no vLLM import).
 
-`select_tokens` is the single entry point used by the vLLM models, the
-transformers reference path and researchers' own code.
+One module per method; this module is the registry and the public API:
+`select_tokens` / `merge_tokens` for one image (used by researchers and the
+transformers reference) and `reduce_tokens` for a batch of images with the same
+settings (used by the vLLM models).
+
+Index spaces. Most methods see the N patch tokens and return indices in
+[0, N). Methods with `MethodSpec.with_cls` (PruneSID) see the CLS token as row 0
+followed by the patches and return indices in [0, N] where 0 is CLS and i + 1
+is patch i; the CLS token then becomes one of the K tokens the LLM sees, as in
+the method's reference. Methods with `MethodSpec.merges` (VisionZip) build K new
+pre-projector vectors instead of selecting.
 """
 
 from __future__ import annotations
@@ -14,46 +23,119 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .common import ORDERS, Order, check_keep, check_order, describe_validation_error, finish_order
+from .controls import RandomOptions, random_tokens, top_saliency, uniform
+from .divprune import divprune
 from .dpp import dpp_greedy_map
+from .facility_location import facility_location
+from .fps import farthest_point_sampling
 from .promprune import PromPruneOptions, promprune_select, saliency_budget, spectral_entropy
+from .prunesid import PruneSIDOptions, prunesid_dynamic_budgets, prunesid_select
+from .vispruner import VisPrunerOptions, vispruner
+from .visionzip import VisionZipOptions, visionzip_merge
 
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TokenInputs(NamedTuple):
-    """What a method may look at for one image."""
+class TokenBatch(NamedTuple):
+    """What a method may look at, for B images of N patch tokens each."""
 
-    features: torch.Tensor  # [N, D] projected features
-    saliency: torch.Tensor | None  # [N] CLS attention
-    pre_features: torch.Tensor | None  # [N, Dv] pre-projector features
-
-
-def _uniform(inputs: TokenInputs, keep: int, options: NoOptions) -> torch.Tensor:
-    """Evenly strided positions: floor(i * N / K) for i in 0..K-1."""
-    num_tokens = inputs.features.shape[0]
-    return torch.arange(keep, device=inputs.features.device) * num_tokens // keep
-
-
-def _promprune(inputs: TokenInputs, keep: int, options: PromPruneOptions) -> torch.Tensor:
-    if inputs.saliency is None:
-        raise ValueError("method 'promprune' needs saliency scores (CLS attention, shape [N])")
-    return promprune_select(inputs.features, inputs.saliency, keep, options)
+    features: torch.Tensor | None = None  # [B, N, D] projected (post-projector) patch tokens
+    saliency: torch.Tensor | None = None  # [B, N] CLS attention (head mean)
+    pre_features: torch.Tensor | None = None  # [B, N, Dv] pre-projector patch tokens
+    cls_pre_feature: torch.Tensor | None = None  # [B, Dv] pre-projector CLS token
+    keys: torch.Tensor | None = None  # [B, N + 1, Dk] head-mean attention keys, CLS first
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A selection method: its options model and its function (returns [K] indices, 1 <= K < N)."""
+    """A method: options model, needed inputs, index space, and its batched function.
+
+    `run(batch, keep, options)` returns [B, K] indices in pick order, or, for
+    merging methods, [B, K, Dv] pre-projector vectors. Called with 1 <= K < N.
+    """
 
     options: type[BaseModel]
-    select: Callable[[TokenInputs, int, Any], torch.Tensor]
+    run: Callable[[TokenBatch, int, Any], torch.Tensor]
+    needs: tuple[str, ...] = ()
+    with_cls: bool = False
+    merges: bool = False
 
+
+def _with_cls(batch: TokenBatch) -> torch.Tensor:
+    """[B, N + 1, Dv] pre-projector tokens, CLS first."""
+    return torch.cat([batch.cls_pre_feature[:, None], batch.pre_features], dim=1)
+
+
+def _promprune(batch: TokenBatch, keep: int, options: PromPruneOptions) -> torch.Tensor:
+    return promprune_select(batch.features, batch.saliency, keep, options)
+
+
+def _prunesid(batch: TokenBatch, keep: int, options: PruneSIDOptions) -> torch.Tensor:
+    # Groups and quotas differ per image, so PruneSID runs image by image.
+    tokens = _with_cls(batch)
+    return torch.stack([prunesid_select(t, s, keep, options) for t, s in zip(tokens, batch.saliency)])
+
+
+def _visionzip(batch: TokenBatch, keep: int, options: VisionZipOptions) -> torch.Tensor:
+    return visionzip_merge(_with_cls(batch), batch.keys, batch.saliency, keep, options)
+
+
+def _vispruner(batch: TokenBatch, keep: int, options: VisPrunerOptions) -> torch.Tensor:
+    return vispruner(batch.pre_features, batch.saliency, keep, options)
+
+
+def _same_for_every_image(positions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    return positions.expand(len(batch.features), -1)
+
+
+_PROJECTED = ("features",)
+_SALIENCY = ("saliency",)
 
 METHODS: Mapping[str, MethodSpec] = {
-    "promprune": MethodSpec(PromPruneOptions, _promprune),
-    "uniform": MethodSpec(NoOptions, _uniform),
+    "promprune": MethodSpec(PromPruneOptions, _promprune, ("features", "saliency")),
+    "prunesid": MethodSpec(
+        PruneSIDOptions, _prunesid, ("saliency", "pre_features", "cls_pre_feature"), with_cls=True
+    ),
+    "divprune": MethodSpec(NoOptions, lambda b, k, o: divprune(b.features, k), _PROJECTED),
+    "vispruner": MethodSpec(VisPrunerOptions, _vispruner, ("saliency", "pre_features")),
+    "visionzip": MethodSpec(
+        VisionZipOptions, _visionzip, ("saliency", "pre_features", "cls_pre_feature", "keys"), merges=True
+    ),
+    "fps": MethodSpec(NoOptions, lambda b, k, o: farthest_point_sampling(b.features, k), _PROJECTED),
+    "facility_location": MethodSpec(NoOptions, lambda b, k, o: facility_location(b.features, k), _PROJECTED),
+    "uniform": MethodSpec(
+        NoOptions,
+        lambda b, k, o: _same_for_every_image(uniform(b.features.shape[1], k, b.features.device), b),
+        _PROJECTED,
+    ),
+    "random": MethodSpec(
+        RandomOptions,
+        lambda b, k, o: _same_for_every_image(random_tokens(b.features.shape[1], k, o.seed, b.features.device), b),
+        _PROJECTED,
+    ),
+    "saliency": MethodSpec(NoOptions, lambda b, k, o: top_saliency(b.saliency, k), _SALIENCY),
+    "coverage": MethodSpec(NoOptions, lambda b, k, o: dpp_greedy_map(b.features, k), _PROJECTED),
 }
+
+ENGINE_UNAVAILABLE: Mapping[str, str] = {
+    "prunesid_dyn": (
+        "PruneSID-Dyn sets each image's budget from its redundancy, which is only known "
+        "after the vision tower runs, but vLLM fixes an image's placeholder count before "
+        "that; use 'prunesid' with a fixed keep in the engine, or "
+        "vllm_promprune.methods.prunesid_dynamic_budgets with the transformers reference"
+    ),
+}
+
+
+def check_method(method: object, field_prefix: str = "") -> str:
+    """Return `method` if it names a method in `METHODS`, else raise ValueError."""
+    if isinstance(method, str) and method in ENGINE_UNAVAILABLE:
+        raise ValueError(f"{field_prefix}method {method!r} is not available per image: {ENGINE_UNAVAILABLE[method]}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{field_prefix}method must be one of {sorted(METHODS)}, got {method!r}")
+    return method
 
 
 def parse_options(method: str, options: Mapping[str, object], field_prefix: str = "") -> BaseModel:
@@ -61,14 +143,51 @@ def parse_options(method: str, options: Mapping[str, object], field_prefix: str 
 
     Messages name each bad field as `{field_prefix}{name}`.
     """
-    if method not in METHODS:
-        raise ValueError(f"{field_prefix}method must be one of {sorted(METHODS)}, got {method!r}")
-    model = METHODS[method].options
+    model = METHODS[check_method(method, field_prefix)].options
     try:
         return model(**options)
     except ValidationError as error:
         problems = describe_validation_error(error, field_prefix, list(model.model_fields))
         raise ValueError(f"invalid options for method {method!r}: {problems}") from None
+
+
+def check_inputs(method: str, batch: TokenBatch) -> None:
+    """Raise ValueError if `batch` lacks an input `method` needs or has a wrong shape."""
+    spec = METHODS[method]
+    reference = batch.features if batch.features is not None else batch.pre_features
+    size, num_tokens = reference.shape[:2]
+    expected = {
+        "features": (size, num_tokens),
+        "saliency": (size, num_tokens),
+        "pre_features": (size, num_tokens),
+        "cls_pre_feature": (size,),
+        "keys": (size, num_tokens + 1),
+    }
+    for name in spec.needs:
+        value = getattr(batch, name)
+        if value is None:
+            raise ValueError(f"method {method!r} needs {name}")
+        if tuple(value.shape[: len(expected[name])]) != expected[name]:
+            raise ValueError(
+                f"{name} must start with shape {expected[name]} for {num_tokens} tokens per image, "
+                f"got {tuple(value.shape)}"
+            )
+
+
+def reduce_tokens(method: str, batch: TokenBatch, keep: int, options: BaseModel, order: Order = "spatial") -> torch.Tensor:
+    """Run `method` on a batch of images that share settings (1 <= keep < N).
+
+    Returns [B, K] indices (in the method's index space, see the module doc) in
+    `order`, or [B, K, Dv] merged pre-projector vectors for merging methods.
+    """
+    spec = METHODS[method]
+    check_inputs(method, batch)
+    result = spec.run(batch, keep, options)
+    if spec.merges:
+        if order != "spatial":
+            raise ValueError(f"method {method!r} merges tokens; its output order is fixed (order='spatial')")
+        return result
+    return finish_order(result, order)
 
 
 def select_tokens(
@@ -78,46 +197,84 @@ def select_tokens(
     *,
     saliency: torch.Tensor | None = None,
     pre_features: torch.Tensor | None = None,
+    cls_pre_feature: torch.Tensor | None = None,
     order: Order = "spatial",
     **options: object,
 ) -> torch.Tensor:
     """Indices of the visual tokens of ONE image to keep.
 
     Args:
-        method: a name in `METHODS`.
-        features: [N, D] projected (post-projector) token features.
-        keep: K >= 1. K >= N keeps everything (identity, arange(N)).
-        saliency: [N] CLS attention per token (needed by saliency methods).
-        pre_features: [N, Dv] pre-projector features (needed by some baselines).
+        method: a name in `METHODS` that selects (not `visionzip`: see `merge_tokens`).
+        features: [N, D] projected (post-projector) patch tokens.
+        keep: K >= 1. K >= N keeps every patch token (identity, arange(N)).
+        saliency: [N] CLS attention per patch token (head mean), for saliency methods.
+        pre_features: [N, Dv] pre-projector patch tokens (PruneSID, VisPruner).
+        cls_pre_feature: [Dv] pre-projector CLS token (PruneSID).
         order: "spatial" (default, ascending position) or "selection" (pick order).
         **options: method options, validated (unknown ones are errors).
 
     Returns:
-        [min(K, N)] int64 unique indices on `features.device`.
+        [min(K, N)] int64 unique indices on `features.device`; for `with_cls`
+        methods 0 is the CLS token and i + 1 is patch i.
     """
     keep = check_keep(keep)
     order = check_order(order)
     parsed = parse_options(method, options)
+    if METHODS[method].merges:
+        raise ValueError(f"method {method!r} merges tokens: use merge_tokens")
     if features.dim() != 2:
         raise ValueError(f"features must have shape [N, D], got {tuple(features.shape)}")
     num_tokens = features.shape[0]
-    if saliency is not None and saliency.shape != (num_tokens,):
-        raise ValueError(
-            f"saliency must have shape [N]=[{num_tokens}], got {tuple(saliency.shape)}"
-        )
-    if keep >= num_tokens:
-        return torch.arange(num_tokens, device=features.device)
-    picked = METHODS[method].select(TokenInputs(features, saliency, pre_features), keep, parsed)
-    return finish_order(picked, order)
+    if keep >= num_tokens:  # every patch token, in the method's index space
+        return torch.arange(num_tokens, device=features.device) + int(METHODS[method].with_cls)
+    batch = TokenBatch(*(None if t is None else t[None] for t in (features, saliency, pre_features, cls_pre_feature)))
+    return reduce_tokens(method, batch, keep, parsed, order)[0]
+
+
+def merge_tokens(
+    method: str,
+    pre_features: torch.Tensor,
+    keep: int,
+    *,
+    cls_pre_feature: torch.Tensor,
+    keys: torch.Tensor,
+    saliency: torch.Tensor,
+    **options: object,
+) -> torch.Tensor:
+    """K merged pre-projector tokens of ONE image (VisionZip).
+
+    Args:
+        pre_features: [N, Dv] pre-projector patch tokens; cls_pre_feature: [Dv].
+        keys: [N + 1, Dk] head-mean attention keys of the saliency layer, CLS first.
+        saliency: [N] CLS attention per patch token.
+
+    Returns:
+        [min(K, N), Dv]; K >= N returns the patch tokens unchanged.
+    """
+    keep = check_keep(keep)
+    parsed = parse_options(method, options)
+    if not METHODS[method].merges:
+        raise ValueError(f"method {method!r} selects tokens: use select_tokens")
+    if keep >= pre_features.shape[0]:
+        return pre_features
+    batch = TokenBatch(None, saliency[None], pre_features[None], cls_pre_feature[None], keys[None])
+    return reduce_tokens(method, batch, keep, parsed)[0]
 
 
 __all__ = [
+    "ENGINE_UNAVAILABLE",
+    "check_method",
     "METHODS",
     "ORDERS",
+    "MethodSpec",
+    "NoOptions",
     "PromPruneOptions",
-    "TokenInputs",
+    "TokenBatch",
     "dpp_greedy_map",
+    "merge_tokens",
     "parse_options",
+    "prunesid_dynamic_budgets",
+    "reduce_tokens",
     "saliency_budget",
     "select_tokens",
     "spectral_entropy",

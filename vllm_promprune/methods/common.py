@@ -37,6 +37,20 @@ def unit_rows(features: torch.Tensor, eps: float) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1, eps=eps)
 
 
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` [B, K] of `values` [B, N, D] -> [B, K, D]."""
+    return values.gather(1, index[:, :, None].expand(-1, -1, values.shape[2]))
+
+
+def first_near_max(scores: torch.Tensor, tolerance: torch.Tensor | float) -> torch.Tensor:
+    """Per row of `scores` [B, N], the lowest index whose score is within `tolerance`
+    of the row maximum: ties at float precision go to the lowest index whatever the
+    rounding of the device. -inf entries are never chosen unless all are -inf.
+    """
+    near = scores >= scores.amax(dim=1, keepdim=True) - tolerance
+    return near.to(torch.int8).argmax(dim=1)  # first True, no host sync
+
+
 def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
     """Return picked indices [K] (int64) in the requested order."""
     if order == "spatial":
@@ -45,7 +59,7 @@ def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
 
 
 def descending_stable(scores: torch.Tensor) -> torch.Tensor:
-    """Indices [N] sorting `scores` [N] high to low; ties keep the lower index first."""
+    """Indices sorting `scores` [..., N] high to low along the last dim; ties keep the lower index first."""
     return torch.sort(scores.float(), descending=True, stable=True).indices
 
 

@@ -1,23 +1,27 @@
-"""PromPrune: spectral-entropy budget split between saliency and DPP coverage.
+"""PromPrune: entropy-driven budget split between saliency and coverage.
 
 Seed paper: "Balancing Saliency and Coverage". Specification: methods.md.
-1. Normalised spectral entropy Hn of the projected features.
-2. Saliency share r = kr_min + (1 - sigmoid((Hn - mu) / tau)) * (kr_max - kr_min),
-   K_sal = round_half_to_even(r * K); low entropy -> more saliency tokens.
+1. Normalised entropy Hn of the image (default: spectral entropy of the
+   projected features).
+2. Saliency share r = kr_min + (1 - sigmoid((Hn - mu) / tau)) * (kr_max - kr_min)
+   (or a fixed share), K_sal = round_half_to_even(r * K): low entropy -> more saliency.
 3. Stage 1: the K_sal tokens with the highest CLS attention.
-4. Stage 2: greedy DPP MAP over the remaining tokens for K - K_sal tokens,
-   starting from the token least covered by stage 1.
+4. Stage 2: K - K_sal tokens by a coverage method over the remaining tokens
+   (default: greedy DPP MAP, first pick = the token least covered by stage 1).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .common import descending_stable, unit_rows
 from .dpp import dpp_greedy_map
+from .facility_location import facility_location
+from .fps import farthest_point_sampling
 
 CLIP_MU = 0.42
 QWEN2_5_VL_MU = 0.5744
@@ -26,57 +30,93 @@ _NORM_EPS = 1e-8
 _EIGEN_FLOOR = 1e-12
 _LOGIT_CLAMP = 20.0
 
+COVERAGE_STAGES = {"dpp": dpp_greedy_map, "fps": farthest_point_sampling, "fl": facility_location}
+
 
 class PromPruneOptions(BaseModel):
-    """Budget-split knobs of PromPrune (defaults: the paper's CLIP-tower values)."""
+    """PromPrune knobs (defaults: the paper's CLIP-tower values) and its ablations."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mu: float = Field(
-        CLIP_MU,
-        ge=0.0,
-        le=1.0,
+        CLIP_MU, ge=0.0, le=1.0,
         description="Entropy midpoint of the sigmoid split (0.42 CLIP, 0.5744 Qwen2.5-VL).",
     )
     tau: float = Field(0.02, gt=0.0, description="Temperature of the sigmoid split.")
     kr_min: float = Field(0.0, ge=0.0, le=1.0, description="Lowest saliency share.")
     kr_max: float = Field(1.0, ge=0.0, le=1.0, description="Highest saliency share.")
+    fixed_share: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Ablation: a constant saliency share instead of the sigmoid mapping.",
+    )
+    entropy: Literal["spectral", "attention", "feature_norm"] = Field(
+        "spectral", description="Ablation: which entropy drives the split."
+    )
+    coverage: Literal["dpp", "fps", "fl"] = Field(
+        "dpp", description="Ablation: coverage stage (DPP, farthest point sampling, facility location)."
+    )
 
     @model_validator(mode="after")
     def _share_bounds_ordered(self) -> PromPruneOptions:
         if self.kr_min > self.kr_max:
-            raise ValueError(
-                f"kr_min ({self.kr_min}) must not exceed kr_max ({self.kr_max})"
-            )
+            raise ValueError(f"kr_min ({self.kr_min}) must not exceed kr_max ({self.kr_max})")
         return self
 
 
 def spectral_entropy(features: torch.Tensor) -> torch.Tensor:
-    """Normalised spectral entropy Hn in [0, 1] of token features [N, D], N >= 2.
+    """Normalised spectral entropy Hn in [0, 1] of token features [..., N, D], N >= 2.
 
     Tokens are L2-normalised and centred; the eigenvalues of the smaller Gram
-    matrix (N x N if N <= D, else D x D) form the spectrum. Returns a float32 0-d tensor.
+    matrix (N x N if N <= D, else D x D) form the spectrum. Returns float32 [...].
     """
-    num_tokens, width = features.shape
+    num_tokens, width = features.shape[-2:]
     if num_tokens < 2:
         raise ValueError("spectral_entropy needs at least 2 tokens")
     x = unit_rows(features, _NORM_EPS)
-    x = x - x.mean(dim=0, keepdim=True)
-    gram = x @ x.T if num_tokens <= width else x.T @ x
+    x = x - x.mean(dim=-2, keepdim=True)
+    gram = x @ x.transpose(-1, -2) if num_tokens <= width else x.transpose(-1, -2) @ x
     eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(_EIGEN_FLOOR)
-    p = eigenvalues / eigenvalues.sum()
-    entropy = -(p * p.log()).sum()
-    return entropy / math.log(min(num_tokens, width))
+    return _normalised_entropy(eigenvalues, min(num_tokens, width))
+
+
+def attention_entropy(saliency: torch.Tensor) -> torch.Tensor:
+    """Entropy of the CLS attention [..., N] (renormalised to a distribution) / ln N."""
+    return _normalised_entropy(saliency.float().clamp_min(_EIGEN_FLOOR), saliency.shape[-1])
+
+
+def feature_norm_entropy(features: torch.Tensor) -> torch.Tensor:
+    """Entropy of the token L2 norms [..., N] (normalised to a distribution) / ln N."""
+    norms = features.float().norm(dim=-1).clamp_min(_EIGEN_FLOOR)
+    return _normalised_entropy(norms, features.shape[-2])
+
+
+def _normalised_entropy(mass: torch.Tensor, support: int) -> torch.Tensor:
+    p = mass / mass.sum(dim=-1, keepdim=True)
+    return -(p * p.log()).sum(dim=-1) / math.log(support)
+
+
+def image_entropy(features: torch.Tensor, saliency: torch.Tensor, options: PromPruneOptions) -> torch.Tensor:
+    """The entropy `options.entropy` names: features [B, N, D], saliency [B, N] -> [B]."""
+    if options.entropy == "attention":
+        return attention_entropy(saliency)
+    if options.entropy == "feature_norm":
+        return feature_norm_entropy(features)
+    return spectral_entropy(features)
+
+
+def saliency_budgets(normalised_entropy: torch.Tensor, keep: int, options: PromPruneOptions) -> torch.Tensor:
+    """K_sal per image [...] (int64): how many of `keep` tokens stage 1 takes (float32 math)."""
+    if options.fixed_share is not None:
+        share = torch.full_like(normalised_entropy.float(), options.fixed_share)
+    else:
+        z = ((normalised_entropy.float() - options.mu) / options.tau).clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+        share = options.kr_min + (1.0 - torch.sigmoid(z)) * (options.kr_max - options.kr_min)
+    return torch.round(share * keep).clamp(0, keep).long()  # torch.round: half to even
 
 
 def saliency_budget(normalised_entropy: torch.Tensor, keep: int, options: PromPruneOptions) -> int:
-    """K_sal: how many of `keep` tokens stage 1 takes by saliency (float32 math)."""
-    z = ((normalised_entropy.float() - options.mu) / options.tau).clamp(
-        -_LOGIT_CLAMP, _LOGIT_CLAMP
-    )
-    share = options.kr_min + (1.0 - torch.sigmoid(z)) * (options.kr_max - options.kr_min)
-    k_sal = torch.round(share * keep)  # torch.round rounds half to even
-    return int(k_sal.clamp(0, keep).item())
+    """K_sal for one image (0-d entropy)."""
+    return int(saliency_budgets(normalised_entropy, keep, options).item())
 
 
 def promprune_select(
@@ -85,23 +125,31 @@ def promprune_select(
     keep: int,
     options: PromPruneOptions,
 ) -> torch.Tensor:
-    """PromPrune selection for one image.
+    """PromPrune selection, batched over images.
 
     Args:
-        features: [N, D] projected (post-projector) token features.
-        saliency: [N] CLS attention per token (head mean).
+        features: [B, N, D] projected (post-projector) token features.
+        saliency: [B, N] CLS attention per token (head mean).
         keep: K, 1 <= K < N.
-        options: budget-split knobs.
+        options: split knobs and ablations.
 
     Returns:
-        [K] int64 indices in pick order: stage-1 tokens by descending saliency,
-        then stage-2 tokens in DPP pick order.
+        [B, K] int64 indices in pick order: stage-1 tokens by descending saliency,
+        then stage-2 tokens in coverage pick order.
     """
-    k_sal = saliency_budget(spectral_entropy(features), keep, options)
-    by_saliency = descending_stable(saliency)
-    salient = by_saliency[:k_sal]
-    remaining = torch.sort(by_saliency[k_sal:]).values  # ascending position: ties -> first
-    diverse = remaining[
-        dpp_greedy_map(features[remaining], keep - k_sal, covered_by=features[salient])
-    ]
-    return torch.cat([salient, diverse])
+    batch, num_tokens, _ = features.shape
+    k_sal = saliency_budgets(image_entropy(features, saliency, options), keep, options)  # [B]
+    by_saliency = descending_stable(saliency)  # [B, N]
+    rank = torch.empty_like(by_saliency).scatter_(
+        1, by_saliency, torch.arange(num_tokens, device=features.device).expand(batch, -1)
+    )
+    salient = rank < k_sal[:, None]  # [B, N] stage-1 mask
+    k_cov = keep - k_sal
+    # Greedy coverage picks do not depend on how many are taken: run the largest
+    # stage 2 once for the whole batch and keep each image's first k_cov picks.
+    coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
+    step = torch.arange(keep, device=features.device)[None, :]
+    stage_one = by_saliency[:, :keep]
+    stage_two = torch.cat([coverage, coverage.new_zeros(batch, keep)], dim=1)
+    stage_two = stage_two.gather(1, (step - k_sal[:, None]).clamp_min(0))
+    return torch.where(step < k_sal[:, None], stage_one, stage_two)

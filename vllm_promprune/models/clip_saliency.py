@@ -13,21 +13,19 @@ import torch
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.clip import CLIPVisionModel
 
+from ..pruning import TowerOutput
 
-def clip_features_and_cls_attention(
-    tower: CLIPVisionModel, pixel_values: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected-layer patch features and head-mean CLS attention.
+
+def clip_tower_output(tower: CLIPVisionModel, pixel_values: torch.Tensor) -> TowerOutput:
+    """Selected-layer hidden states (CLS first), head-mean CLS attention and keys.
 
     Args:
         tower: vLLM CLIP tower built by `init_vision_tower_for_llava`
             (no post-layernorm: LLaVA selects a hidden layer).
         pixel_values: [B, 3, H, W].
 
-    Returns:
-        features [B, N, Dv] (CLS dropped, identical to the tower's own output for
-        feature_select_strategy="default") and cls_attention [B, N] float32 (head mean,
-        CLS column dropped, not renormalised).
+    The patch rows of `hidden` are identical to the tower's own output for
+    feature_select_strategy="default" (same modules, same order of operations).
     """
     vision = tower.vision_model
     if vision.post_layernorm is not None:
@@ -44,9 +42,10 @@ def clip_features_and_cls_attention(
     cls_query = query[:, 0].float().view(batch, heads, head_dim)
     keys = key.float().view(batch, length, heads, head_dim)
     logits = torch.einsum("bhd,blhd->bhl", cls_query, keys) * attention.scale
-    head_sum = logits.softmax(dim=-1).sum(dim=1)  # [B, N+1]
+    head_sums = torch.cat([logits.softmax(dim=-1).sum(dim=1), keys.sum(dim=2).flatten(1)], dim=1)
     if heads != attention.num_heads:  # heads sharded over tensor-parallel ranks
-        head_sum = tensor_model_parallel_all_reduce(head_sum)
-    cls_attention = head_sum[:, 1:] / attention.num_heads
-    features = last(hidden)[:, 1:]
-    return features, cls_attention
+        head_sums = tensor_model_parallel_all_reduce(head_sums)
+    head_sums = head_sums / attention.num_heads
+    saliency = head_sums[:, 1:length]  # CLS column dropped, not renormalised
+    mean_keys = head_sums[:, length:].view(batch, length, head_dim)
+    return TowerOutput(hidden=last(hidden), saliency=saliency, keys=mean_keys)

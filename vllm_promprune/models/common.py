@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
 from transformers import BatchFeature
 
 from vllm.config import VllmConfig
@@ -131,12 +130,3 @@ def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
     if len(settings) != num_items:
         raise ValueError(f"{SETTINGS_FIELD} has {len(settings)} items for {num_items} images")
     return settings
-
-
-def keep_rows(embeds: torch.Tensor, saliency: torch.Tensor, settings: PruneSettings) -> torch.Tensor:
-    """Select one image's rows: embeds [N, D], saliency [N] -> [K, D], K asserted."""
-    expected = settings.kept_tokens(embeds.shape[0])
-    rows = embeds[settings.kept_indices(embeds, saliency)]
-    if rows.shape[0] != expected:
-        raise AssertionError(f"pruning returned {rows.shape[0]} rows for {expected} placeholders")
-    return rows

@@ -17,14 +17,9 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .clip_saliency import clip_features_and_cls_attention
-from .common import (
-    SETTINGS_FIELD,
-    PruningProcessorMixin,
-    decode_settings,
-    keep_rows,
-    profiled_items_per_batch,
-)
+from ..pruning import prune_images
+from .clip_saliency import clip_tower_output
+from .common import SETTINGS_FIELD, PruningProcessorMixin, decode_settings, profiled_items_per_batch
 
 
 class PromPruneLlavaProcessingInfo(LlavaProcessingInfo):
@@ -67,11 +62,7 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         embeddings: list[torch.Tensor] = []
         for start in range(0, len(pixel_values), self.encoder_micro_batch):
-            chunk = pixel_values[start : start + self.encoder_micro_batch]
-            features, cls_attention = clip_features_and_cls_attention(self.vision_tower, chunk)
-            projected = self.multi_modal_projector(features)
-            embeddings.extend(
-                keep_rows(projected[i], cls_attention[i], settings[start + i])
-                for i in range(len(chunk))
-            )
+            stop = start + self.encoder_micro_batch
+            tower = clip_tower_output(self.vision_tower, pixel_values[start:stop])
+            embeddings.extend(prune_images(tower, settings[start:stop], self.multi_modal_projector))
         return embeddings

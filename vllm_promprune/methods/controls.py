@@ -1,0 +1,55 @@
+"""Control selections: evenly strided, seeded random and saliency-only (top CLS attention)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from .common import descending_stable
+
+
+class RandomOptions(BaseModel):
+    """Options of the `random` control."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: StrictInt = Field(
+        0, ge=0,
+        description="Seed of a local CPU generator; a seed keeps the same positions for every image.",
+    )
+
+
+def _check_count(num_tokens: int, k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_tokens:
+        raise ValueError(f"k must be an integer in [0, N={num_tokens}], got {k!r}")
+
+
+def uniform(num_tokens: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Evenly strided positions floor(i * N / k), i = 0..k-1: [k] int64, ascending, distinct."""
+    _check_count(num_tokens, k)
+    return torch.arange(k, device=device) * num_tokens // k
+
+
+def random_tokens(
+    num_tokens: int, k: int, seed: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """`k` distinct positions drawn without replacement: [k] int64 in draw order.
+
+    Uses a local CPU generator seeded with `seed` (the global RNG is untouched),
+    so the result depends only on (num_tokens, k, seed): the same seed gives the
+    same positions whatever the image and whatever the device.
+    """
+    _check_count(num_tokens, k)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(num_tokens, generator=generator)[:k].to(device)
+
+
+def top_saliency(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` highest-saliency tokens of each image: saliency [B, N] -> [B, k] int64.
+
+    Descending saliency (stable sort: ties go to the lowest index).
+    """
+    if saliency.dim() != 2:
+        raise ValueError(f"saliency must have shape [B, N], got {tuple(saliency.shape)}")
+    _check_count(saliency.shape[1], k)
+    return descending_stable(saliency)[:, :k]

@@ -1,0 +1,41 @@
+"""DivPrune (CVPR 2025): greedy max-min diversity on cosine distance, batched over images.
+
+First pick: the token whose nearest-neighbour distance (excluding itself) is
+largest. Then repeatedly the token whose minimum distance to the picked set is
+largest. Distance = 1 - cos on L2-normalised (eps 1e-6) projected features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import unit_rows
+from .fps import check_batch, max_min_picks
+
+_FEATURE_EPS = 1e-6
+
+
+def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Pick `k` diverse tokens per image (DivPrune's max-min greedy).
+
+    Args:
+        features: [B, N, D] projected token features (any float dtype; math in float32).
+        k: tokens to pick per image, 0 <= k <= N.
+
+    Returns:
+        [B, k] int64 indices in pick order, distinct within each image; ties go
+        to the lowest index. A single-token image picks index 0.
+    """
+    check_batch(features, k)
+    batch, num_tokens, _ = features.shape
+    device = features.device
+    if k == 0:
+        return torch.zeros(batch, 0, dtype=torch.long, device=device)
+    y = unit_rows(features, _FEATURE_EPS)
+    distance = torch.bmm(y, y.transpose(1, 2)).neg_().add_(1.0)  # [B, N, N]
+    distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    first = distance.amin(dim=2).argmax(dim=1)
+    del distance
+    min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
+    excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    return max_min_picks(y, first, min_distance, excluded, k)

@@ -1,0 +1,335 @@
+"""PruneSID: group by principal components, de-duplicate within groups, share the budget.
+
+Seed paper: "Prune Redundancy, Preserve Essence" (ICLR 2026). Specification: methods.md.
+1. PSCA grouping: PCA of sigmoid(patch features) with tokens as variables; each
+   token joins the component with its largest |loading|.
+2. Redundancy rho = mean pairwise cosine of the patch features; NMS threshold
+   thr = (n / 32) * rho.
+3. NMS inside every group (all groups per round), by CLS attention.
+4. Quotas per group from the survivor counts; each group gives its top members.
+PruneSID-Dyn (§3.4) scales each image's budget by 1 - rho; see
+`prunesid_dynamic_budgets`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .common import check_keep, descending_stable, unit_rows
+
+_NORM_EPS = 1e-8
+_THRESHOLD_SCALE = 32  # thr = (n / 32) * rho
+_UPPER_UNIT = 64  # group upper bound 5 * ceil(n / 64)
+_UPPER_PER_UNIT = 5
+_POWER_ITERATIONS = 2
+_LOWRANK_SEED = 0
+# NMS rounds are bounded by the largest group; checking every few rounds whether
+# any candidate is left ends early (usually far sooner) at one host sync per check.
+_NMS_CHECK_EVERY = 8
+# A fully redundant image (rho = 1) still gets a positive weight, so the budgets
+# can always reach the requested total when the caps allow it.
+_PHI_FLOOR = 1e-6
+
+
+class PruneSIDOptions(BaseModel):
+    """PruneSID knobs: only the PCA solver is a choice; every constant is the spec's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pca: Literal["exact", "lowrank"] = Field(
+        "exact",
+        description=(
+            "PCA solver for the grouping: 'exact' = full SVD of the centred matrix; "
+            "'lowrank' = randomised range finder with 2 power iterations (as the "
+            "reference's pca_lowrank) seeded with a local generator (seed 0)."
+        ),
+    )
+
+
+def redundancy(patch_features: torch.Tensor) -> torch.Tensor:
+    """rho: mean cosine similarity over pairs i < j of patch features [N, D].
+
+    Rows are L2-normalised in float32 (norm clamped at 1e-8). Returns a float32
+    0-d tensor; 0 when N < 2 (no pairs).
+    """
+    if patch_features.dim() != 2:
+        raise ValueError(f"patch_features must have shape [N, D], got {tuple(patch_features.shape)}")
+    return _mean_pair_cosine(unit_rows(patch_features, _NORM_EPS))
+
+
+def _mean_pair_cosine(y: torch.Tensor) -> torch.Tensor:
+    # sum_{i<j} y_i.y_j = (|sum_i y_i|^2 - sum_i |y_i|^2) / 2: O(N D), no N x N matrix.
+    num_tokens = y.shape[0]
+    if num_tokens < 2:
+        return y.new_zeros(())
+    total = y.sum(dim=0)
+    pair_sum = (total @ total - (y * y).sum()) / 2
+    return pair_sum / (num_tokens * (num_tokens - 1) / 2)
+
+
+def _principal_axes(centred: torch.Tensor, q: int, pca: str) -> torch.Tensor:
+    """Top-q right singular vectors [M, q] of `centred` [R, M] (float32).
+
+    Sign convention: each vector is flipped so its largest-magnitude entry
+    (first one on ties) is positive. PruneSID only uses |V|, so the sign never
+    changes a grouping; it just makes the returned axes reproducible.
+    """
+    if pca == "exact":
+        axes = torch.linalg.svd(centred, full_matrices=False).Vh[:q].T
+    else:
+        axes = _lowrank_axes(centred, q)
+    peak = axes.abs().argmax(dim=0, keepdim=True)
+    sign = torch.where(axes.gather(0, peak) < 0, -1.0, 1.0)
+    return axes * sign
+
+
+def _lowrank_axes(centred: torch.Tensor, q: int) -> torch.Tensor:
+    """Randomised range finder (Halko et al.) with 2 power iterations, like pca_lowrank.
+
+    torch.pca_lowrank draws its test matrix from the global RNG and takes no
+    generator, so it is re-implemented with a local CPU generator seeded with 0
+    (same draw on every device), then moved to the data's device.
+    """
+    generator = torch.Generator().manual_seed(_LOWRANK_SEED)
+    test = torch.randn(centred.shape[1], q, generator=generator).to(centred.device)
+    basis = torch.linalg.qr(centred @ test).Q  # [R, q]
+    for _ in range(_POWER_ITERATIONS):
+        basis = torch.linalg.qr(centred.T @ basis).Q  # [M, q]
+        basis = torch.linalg.qr(centred @ basis).Q  # [R, q]
+    return torch.linalg.svd(basis.T @ centred, full_matrices=False).Vh.T  # [M, q]
+
+
+def _psca_groups(patch_features: torch.Tensor, q: int, pca: str) -> torch.Tensor:
+    """Group index [N] (int64, in [0, q)) of each patch token [N, Dv].
+
+    S = sigmoid(features) as [Dv, N] (features are samples, tokens variables),
+    centred per token over the features; group = argmax_j |V[i, j]|, ties -> lowest j.
+    q is clipped to min(Dv, N), the number of singular vectors that exist.
+    """
+    samples = torch.sigmoid(patch_features.float()).T  # [Dv, N]
+    centred = samples - samples.mean(dim=0, keepdim=True)
+    q = min(q, *centred.shape)
+    return _principal_axes(centred, q, pca).abs().argmax(dim=1)
+
+
+def _nms_rounds(
+    group: torch.Tensor,
+    cosine: torch.Tensor,
+    priority: torch.Tensor,
+    threshold: torch.Tensor | float,
+    num_groups: int,
+    max_rounds: int,
+) -> torch.Tensor:
+    """Intra-group NMS, all groups advancing together, on the tensors' device.
+
+    Args:
+        group: [N] int64 group of each token. cosine: [N, N] pairwise cosine.
+        priority: [N] int64, unique and > 0, higher = more attention.
+        threshold: suppress group members whose cosine to the pick exceeds it.
+        max_rounds: an upper bound on the rounds needed (the largest group size).
+
+    Returns:
+        [N] int64: the round in which each survivor was picked, N for suppressed tokens.
+    """
+    num_tokens = group.shape[0]
+    device = group.device
+    member = group[None, :] == torch.arange(num_groups, device=device)[:, None]  # [G, N]
+    candidate = torch.ones(num_tokens, dtype=torch.bool, device=device)
+    pick_round = torch.full((num_tokens,), num_tokens, dtype=torch.long, device=device)
+    positions = torch.arange(num_tokens, device=device)
+    for step in range(max_rounds):
+        if step and step % _NMS_CHECK_EVERY == 0 and not bool(candidate.any()):
+            break
+        live = member & candidate[None, :]
+        score = torch.where(live, priority[None, :], 0)
+        best = score.argmax(dim=1)  # [G]; meaningless (0) for groups with no candidate
+        active = score.gather(1, best[:, None]) > 0  # [G, 1]
+        picked = (live & (positions[None, :] == best[:, None]) & active).any(dim=0)  # [N]
+        suppressed = (live & (cosine[best] > threshold) & active).any(dim=0)
+        pick_round = torch.where(picked, step, pick_round)
+        candidate &= ~(picked | suppressed)
+    return pick_round
+
+
+def _quotas(group_sizes: Sequence[int], survivors: Sequence[int], n: int) -> list[int]:
+    """Patch tokens each group gives, summing to n - 1 (n counts the CLS token).
+
+    Lower bound min(1, c_k); upper bound min(5 * ceil(n / 64), c_k, s_k), raised
+    by 1 for all groups (capped at c_k) while the bounds sum to less than n. The
+    n - 1 - sum(lower) spare tokens are split by s_k / sum(s) with cumulative
+    rounding (Python `round` on exact fractions: half to even), the lower bound
+    added and the upper bound applied; then groups in descending s_k (ties: lower
+    group index) are filled up to their upper bound, each in turn, until the
+    total is n - 1.
+
+    Why the total is exactly n - 1: before capping the quotas sum to n - 1, and
+    capping only lowers them, so only a deficit is possible. The raising loop
+    stops with sum(upper) >= n, or with upper == c for all groups, i.e.
+    sum(upper) = sum(c) >= n - 1. Either way the top-up can fill the deficit.
+    The only failing case, sum(c) < n - 1 (fewer patch tokens than the budget),
+    is rejected up front; so is sum(lower) > n - 1 (more non-empty groups than
+    patch tokens to give), which PruneSID's q = max(int(n / 4), 1) rules out.
+    """
+    target = n - 1
+    if len(group_sizes) != len(survivors):
+        raise ValueError("group_sizes and survivors must have the same length")
+    if target <= 0:
+        return [0] * len(group_sizes)
+    if sum(group_sizes) < target:
+        raise ValueError(f"budget n - 1 = {target} exceeds the {sum(group_sizes)} patch tokens")
+    lower = [min(1, c) for c in group_sizes]
+    if sum(lower) > target:
+        raise ValueError(f"{sum(lower)} non-empty groups cannot each get a token from n - 1 = {target}")
+    bound = _UPPER_PER_UNIT * math.ceil(n / _UPPER_UNIT)
+    upper = [min(bound, c, s) for c, s in zip(group_sizes, survivors)]
+    while sum(upper) < n:
+        raised = [min(u + 1, c) for u, c in zip(upper, group_sizes)]
+        if raised == upper:
+            break
+        upper = raised
+
+    spare = target - sum(lower)
+    total_survivors = sum(survivors)
+    quotas = []
+    running, previous = 0, 0
+    for low, high, s in zip(lower, upper, survivors):
+        running += s
+        cumulative = round(Fraction(spare * running, total_survivors)) if total_survivors else 0
+        quotas.append(min(low + cumulative - previous, high))
+        previous = cumulative
+
+    deficit = target - sum(quotas)
+    for k in sorted(range(len(quotas)), key=lambda k: (-survivors[k], k)):
+        if deficit == 0:
+            break
+        extra = min(upper[k] - quotas[k], deficit)
+        if extra > 0:
+            quotas[k] += extra
+            deficit -= extra
+    assert deficit == 0, "unreachable: see the docstring"
+    return quotas
+
+
+def prunesid_select(
+    tokens: torch.Tensor,
+    saliency: torch.Tensor,
+    keep: int,
+    options: PruneSIDOptions,
+) -> torch.Tensor:
+    """PruneSID selection for one image.
+
+    Args:
+        tokens: [N + 1, Dv] pre-projector features, CLS in row 0, patch i in row i + 1.
+        saliency: [N] CLS attention of the patch tokens (head sum or mean: only the
+            order is used; ties -> lower index).
+        keep: n, the budget counting the CLS token, 1 <= n <= N. n >= N + 1 keeps
+            all N + 1 rows (identity).
+        options: PCA solver.
+
+    Returns:
+        [n] int64 unique row indices: 0 (CLS) first, then each group's top q_k
+        members, groups in index order, members ranked as NMS survivors in pick
+        order, then suppressed members by attention.
+    """
+    keep = check_keep(keep)
+    if tokens.dim() != 2 or tokens.shape[0] < 2:
+        raise ValueError(f"tokens must have shape [N + 1, Dv] with N >= 1, got {tuple(tokens.shape)}")
+    num_tokens = tokens.shape[0] - 1
+    if saliency.shape != (num_tokens,):
+        raise ValueError(f"saliency must have shape [{num_tokens}], got {tuple(saliency.shape)}")
+    device = tokens.device
+    if keep > num_tokens:
+        return torch.arange(num_tokens + 1, device=device)
+    if keep == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+
+    patches = tokens[1:]
+    num_groups = min(max(keep // 4, 1), *patches.shape)
+    group = _psca_groups(patches, num_groups, options.pca)
+    sizes = torch.bincount(group, minlength=num_groups)
+    size_list = sizes.tolist()
+
+    y = unit_rows(patches, _NORM_EPS)
+    threshold = (keep / _THRESHOLD_SCALE) * _mean_pair_cosine(y)
+    by_attention = descending_stable(saliency)
+    rank = torch.empty_like(by_attention).scatter_(0, by_attention, torch.arange(num_tokens, device=device))
+    priority = num_tokens - rank  # unique, in [1, N]
+    pick_round = _nms_rounds(group, y @ y.T, priority, threshold, num_groups, max(size_list))
+
+    survived = pick_round < num_tokens
+    survivor_list = torch.bincount(group[survived], minlength=num_groups).tolist()
+    quotas = torch.tensor(_quotas(size_list, survivor_list, keep), device=device)
+
+    # Rank members: group, then pick round (suppressed share round N), then attention rank.
+    order = torch.argsort((group * (num_tokens + 1) + pick_round) * num_tokens + rank)
+    start = torch.cumsum(sizes, 0) - sizes
+    ordered_group = group[order]
+    within = torch.arange(num_tokens, device=device) - start[ordered_group]
+    chosen = order[within < quotas[ordered_group]]
+    return torch.cat([chosen.new_zeros(1), chosen + 1])
+
+
+def _clipped_shares(weights: Sequence[float], caps: Sequence[int], total: int) -> list[float]:
+    """b_i = clamp(lam * w_i, 1, cap_i) with lam chosen so that sum(b) = total.
+
+    Needs w_i > 0 and len(w) <= total <= sum(caps). The sum is continuous,
+    non-decreasing and piecewise linear in lam with breakpoints 1 / w_i and
+    cap_i / w_i: find the segment by bisection, then solve it exactly.
+    """
+    def spent(lam: float) -> float:
+        return sum(min(max(lam * w, 1.0), c) for w, c in zip(weights, caps))
+
+    points = sorted({p for w, c in zip(weights, caps) for p in (1.0 / w, c / w)})
+    index = min(bisect.bisect_left(points, total, key=spent), len(points) - 1)
+    high = points[index]
+    low = points[index - 1] if index else 0.0
+    spent_low, spent_high = spent(low), spent(high)
+    if spent_high == spent_low:
+        lam = high
+    else:
+        lam = low + (total - spent_low) * (high - low) / (spent_high - spent_low)
+    return [min(max(lam * w, 1.0), c) for w, c in zip(weights, caps)]
+
+
+def prunesid_dynamic_budgets(patch_features: Sequence[torch.Tensor], average_keep: int) -> list[int]:
+    """PruneSID-Dyn budgets: one per image, proportional to phi_i = 1 - rho_i.
+
+    Args:
+        patch_features: B tensors [N_i, Dv] of pre-projector patch features.
+        average_keep: the mean budget over the B images (>= 1).
+
+    Returns:
+        B integers with 1 <= b_i <= N_i summing to T = average_keep * B, clipped
+        to [B, sum N_i] when the caps make T unreachable. b_i = clamp(lam * phi_i,
+        1, N_i) with lam fitted to T (phi floored at 1e-6, so a fully redundant
+        image still scales), then largest-remainder rounding: floors first, the
+        missing units to the largest fractional parts (ties -> lower image index).
+    """
+    average_keep = check_keep(average_keep)
+    if not patch_features:
+        return []
+    caps = [int(f.shape[0]) for f in patch_features]
+    if min(caps) < 1:
+        raise ValueError("every image needs at least one patch token")
+    phi = [1.0 - float(redundancy(f)) for f in patch_features]  # one host sync per image
+    total = min(max(average_keep * len(caps), len(caps)), sum(caps))
+    shares = _clipped_shares([max(p, _PHI_FLOOR) for p in phi], caps, total)
+
+    budgets = [min(max(math.floor(s), 1), c) for s, c in zip(shares, caps)]
+    missing = total - sum(budgets)
+    by_remainder = sorted(range(len(caps)), key=lambda i: (budgets[i] - shares[i], i))
+    # sum(floor(share)) <= total, so only units are missing; one pass places them,
+    # the outer loop only guards against float rounding (total <= sum(caps)).
+    while missing > 0:
+        for i in by_remainder:
+            if missing and budgets[i] < caps[i]:
+                budgets[i] += 1
+                missing -= 1
+    return budgets

@@ -1,0 +1,98 @@
+"""VisPruner: important tokens by CLS attention, the rest by iterative duplicate removal.
+
+1. K_imp = int(K * important_ratio) tokens with the highest CLS attention (head mean).
+2. The other N - K_imp tokens, in ascending position, shrink to K_div = K - K_imp:
+   each round splits them into even and odd slots of the current order, scores
+   every even token by its max cosine to the odd set (L2-normalised pre-projector
+   features) and drops the min(8, R - K_div) highest-scoring even tokens.
+The number of tokens left after every round depends only on N and K, so the
+loop runs on the host schedule without reading tensor values.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .common import descending_stable, gather_rows, unit_rows
+
+_FEATURE_EPS = 1e-6
+_MAX_DROP_PER_ROUND = 8
+_SCORE_GRID = 1e-5
+
+
+class VisPrunerOptions(BaseModel):
+    """VisPruner knobs (default: the reference's 0.5 split)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    important_ratio: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of the budget given to the highest-CLS-attention tokens "
+        "(K_imp = int(K * ratio)); the rest is chosen by duplicate removal.",
+    )
+
+
+def drop_schedule(remaining: int, target: int) -> list[int]:
+    """Tokens dropped in each round to go from `remaining` to `target` tokens.
+
+    A round drops min(8, R - target) even-slot tokens, but never more than the
+    ceil(R / 2) even slots that exist (a round with too few evens drops them all).
+    """
+    rounds = []
+    while remaining > target:
+        drop = min(_MAX_DROP_PER_ROUND, remaining - target, (remaining + 1) // 2)
+        rounds.append(drop)
+        remaining -= drop
+    return rounds
+
+
+def _remove_duplicates(y: torch.Tensor, remaining: torch.Tensor, drop: int) -> torch.Tensor:
+    """One round: `remaining` [B, R] ascending positions (R >= 2) -> [B, R - drop] ascending."""
+    even = remaining[:, 0::2]
+    odd = remaining[:, 1::2]
+    duplication = torch.bmm(gather_rows(y, even), gather_rows(y, odd).transpose(1, 2)).amax(dim=2)
+    # Drop the `drop` most duplicated evens. Ties (scores equal on a 1e-5 grid, so
+    # rounding noise cannot reorder near-identical tokens): the earlier slot goes first.
+    duplication = torch.round(duplication / _SCORE_GRID)
+    survivors = torch.sort(descending_stable(duplication)[:, drop:], dim=1).values
+    return torch.sort(torch.cat([even.gather(1, survivors), odd], dim=1), dim=1).values
+
+
+def vispruner(
+    pre_features: torch.Tensor,
+    saliency: torch.Tensor,
+    k: int,
+    options: VisPrunerOptions,
+) -> torch.Tensor:
+    """VisPruner selection, batched over images.
+
+    Args:
+        pre_features: [B, N, Dv] pre-projector features (any float dtype; math in float32).
+        saliency: [B, N] CLS attention per token (head mean).
+        k: tokens to keep per image, 0 <= k <= N.
+        options: the important/diverse split.
+
+    Returns:
+        [B, k] int64 distinct indices: the K_imp important tokens by descending
+        saliency (ties -> lowest index), then the K_div diverse ones by ascending
+        position. K_imp uses Python's int(k * ratio), as the reference does.
+    """
+    if pre_features.dim() != 3:
+        raise ValueError(f"pre_features must have shape [B, N, Dv], got {tuple(pre_features.shape)}")
+    batch, num_tokens, _ = pre_features.shape
+    if saliency.shape != (batch, num_tokens):
+        raise ValueError(f"saliency must have shape [{batch}, {num_tokens}], got {tuple(saliency.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_tokens:
+        raise ValueError(f"k must be an integer in [0, N={num_tokens}], got {k!r}")
+    k_important = int(k * options.important_ratio)
+    k_diverse = k - k_important
+    by_saliency = descending_stable(saliency).to(pre_features.device)
+    important = by_saliency[:, :k_important]
+    if k_diverse == 0:
+        return important
+    remaining = torch.sort(by_saliency[:, k_important:], dim=1).values
+    y = unit_rows(pre_features, _FEATURE_EPS)
+    for drop in drop_schedule(num_tokens - k_important, k_diverse):
+        remaining = _remove_duplicates(y, remaining, drop)
+    return torch.cat([important, remaining], dim=1)

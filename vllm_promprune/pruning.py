@@ -1,0 +1,83 @@
+"""Apply per-image settings to a batch of vision-tower outputs (no vLLM import).
+
+Shared by the vLLM models and the transformers reference, so both turn tower
+outputs into the LLM's image embeddings the same way: images with identical
+settings run as one batch through the method; each image returns exactly
+`settings.kept_tokens(N)` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .methods import METHODS, TokenBatch, reduce_tokens
+from .settings import PruneSettings
+
+
+@dataclass(frozen=True)
+class TowerOutput:
+    """Vision-tower outputs for B images of N patch tokens."""
+
+    hidden: torch.Tensor  # [B, N + 1, Dv] selected-layer hidden states, CLS first
+    saliency: torch.Tensor  # [B, N] CLS attention of the saliency layer (head mean, float32)
+    keys: torch.Tensor  # [B, N + 1, Dk] head-mean keys of that layer
+
+
+def prune_images(
+    tower: TowerOutput,
+    settings: Sequence[PruneSettings],
+    project: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Image embeddings for the LLM, one [K_b, D] tensor per image.
+
+    `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
+    Unpruned images get all N projected patch tokens.
+    """
+    patches = tower.hidden[:, 1:]
+    projected = project(patches)  # [B, N, D]
+    num_tokens = patches.shape[1]
+    rows: list[torch.Tensor | None] = [None] * len(settings)
+    groups: dict[str, list[int]] = {}
+    for image, image_settings in enumerate(settings):
+        if image_settings.prunes(num_tokens):
+            groups.setdefault(image_settings.model_dump_json(), []).append(image)
+        else:
+            rows[image] = projected[image]
+
+    for members in groups.values():
+        group_settings = settings[members[0]]
+        spec = METHODS[group_settings.method]
+        index = torch.tensor(members, device=patches.device)
+        batch = TokenBatch(
+            features=projected[index],
+            saliency=tower.saliency[index],
+            pre_features=patches[index],
+            cls_pre_feature=tower.hidden[index, 0],
+            keys=tower.keys[index],
+        )
+        result = reduce_tokens(
+            group_settings.method,
+            batch,
+            group_settings.keep,
+            group_settings.options_model(),
+            group_settings.order,
+        )
+        if spec.merges:
+            chosen = project(result)
+        elif spec.with_cls:
+            candidates = torch.cat([project(tower.hidden[index, :1]), batch.features], dim=1)
+            chosen = candidates.gather(1, result[:, :, None].expand(-1, -1, candidates.shape[2]))
+        else:
+            chosen = batch.features.gather(1, result[:, :, None].expand(-1, -1, projected.shape[2]))
+        for position, image in enumerate(members):
+            rows[image] = chosen[position]
+
+    for image, image_rows in enumerate(rows):
+        expected = settings[image].kept_tokens(num_tokens)
+        if image_rows is None or image_rows.shape[0] != expected:
+            got = None if image_rows is None else image_rows.shape[0]
+            raise AssertionError(f"image {image}: pruning returned {got} rows for {expected} placeholders")
+    return rows  # type: ignore[return-value]
