@@ -245,3 +245,34 @@ def test_fixed_share_ignores_entropy() -> None:
     options = PromPruneOptions(fixed_share=0.25)
     assert saliency_budget(torch.tensor(0.0), 40, options) == 10
     assert saliency_budget(torch.tensor(1.0), 40, options) == 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_renyi_bound_is_below_spectral_entropy(seed: int) -> None:
+    from vllm_promprune.methods.promprune import centred_gram, spectral_entropy_lower_bound
+
+    for features in (concentrated_features(seed=seed), spread_features(seed=seed), spread_features(n=300, d=40, seed=seed)):
+        gram = centred_gram(features)
+        support = min(features.shape)
+        assert spectral_entropy_lower_bound(gram, support) <= spectral_entropy(features)
+
+
+def test_gram_from_cosine_equals_explicit_centring() -> None:
+    from vllm_promprune.methods.promprune import centred_gram
+
+    features = spread_features(n=50, d=80)
+    unit = torch.nn.functional.normalize(features, dim=-1, eps=1e-8)
+    assert torch.allclose(centred_gram(features, unit @ unit.T), centred_gram(features), atol=1e-5)
+
+
+@pytest.mark.parametrize("mu", [0.1, 0.3, 0.42, 0.6, 0.9])
+def test_skipping_the_eigendecomposition_never_changes_the_split(mu: float) -> None:
+    from vllm_promprune.methods.promprune import saliency_budgets, stage_one_budgets
+
+    features = torch.stack(
+        [concentrated_features(seed=20), spread_features(seed=21), concentrated_features(seed=23) + 0.3 * spread_features(seed=24)]
+    )
+    saliency = torch.rand(3, 96, generator=_generator(25))
+    options = PromPruneOptions(mu=mu)
+    exact = saliency_budgets(spectral_entropy(features), 32, options)
+    assert torch.equal(stage_one_budgets(features, saliency, 32, options), exact)

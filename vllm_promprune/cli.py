@@ -94,6 +94,12 @@ def _install_torchvision_compat(args: argparse.Namespace) -> None:
         print(f"torchvision's compiled ops cannot load: wrote import hook {written}")
 
 
+def _bench_select(args: argparse.Namespace) -> None:
+    from .bench_select import main as bench_main
+
+    bench_main(args.device, args.repeats, args.methods, args.quick)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -131,6 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU-only environments: let torchvision import when its compiled ops cannot load",
     )
     compat.set_defaults(handler=_install_torchvision_compat)
+
+    bench = commands.add_parser("bench-select", help="selection cost per image vs a CLIP-L/336 tower forward")
+    bench.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and, if present, cuda)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--methods", nargs="*", default=None)
+    bench.add_argument("--quick", action="store_true", help="only N=576")
+    bench.set_defaults(handler=_bench_select)
 
     demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
     demo.add_argument("--model-dir", default=".scratch/models/llava-small")

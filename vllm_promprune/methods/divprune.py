@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import unit_rows
-from .fps import check_batch, max_min_picks
+from .common import first_near_max, unit_rows
+from .fps import DISTANCE_TIE, check_batch, max_min_picks
 
 _FEATURE_EPS = 1e-6
 
@@ -32,10 +32,11 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
     y = unit_rows(features, _FEATURE_EPS)
-    distance = torch.bmm(y, y.transpose(1, 2)).neg_().add_(1.0)  # [B, N, N]
+    similarity = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
+    distance = 1.0 - similarity
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    first = distance.amin(dim=2).argmax(dim=1)
+    first = first_near_max(distance.amin(dim=2), DISTANCE_TIE)
     del distance
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
-    return max_min_picks(y, first, min_distance, excluded, k)
+    return max_min_picks(similarity, first, min_distance, excluded, k)

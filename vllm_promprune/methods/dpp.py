@@ -1,9 +1,12 @@
 """Fast greedy MAP inference for a DPP with a cosine kernel, batched over images.
 
 Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point Process"
-(NeurIPS 2018): incremental Cholesky, one kernel row per step, O(k * N * D).
-The loop runs k steps on the tensors' device with no host synchronisation: the
-chosen indices stay tensors and are used through gather/scatter.
+(NeurIPS 2018): incremental Cholesky over the precomputed kernel L = Y Y^T.
+One batched GEMM builds L (O(N^2 D), compute-bound); each of the k steps then
+reads one kernel row and does O(k N) vector work. Computing a row per step
+instead (k GEMVs, O(k N D) but memory-bound) measured slower on CPU at every
+size the benchmark covers. The loop runs on the tensors' device with no host
+synchronisation: the chosen indices stay tensors used through gather/scatter.
 """
 
 from __future__ import annotations
@@ -14,29 +17,39 @@ from .common import first_near_max, gather_rows, unit_rows
 
 _FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
-# The kernel diagonal of unit rows is 1 up to float32 rounding; values this close
-# to the maximum count as ties, so the first pick does not depend on rounding noise.
+# Gains (in [0, 1]) this close to the maximum count as ties and go to the lowest
+# index, so picks do not depend on rounding noise: the kernel diagonal of unit
+# rows is 1 up to rounding, and near-identical tokens (flat image regions) have
+# gains equal up to rounding.
 _DIAGONAL_TIE = 1e-5
+_GAIN_TIE = 1e-5
 
 
-def least_covered(y: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+def least_covered(kernel: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """Per image, the unselected token whose max cosine to the selected ones is smallest.
 
     Args:
-        y: [B, N, D] unit rows. selected: [B, N] bool, at least one True per image.
+        kernel: [B, N, N] cosine kernel. selected: [B, N] bool, at least one True per image.
 
     Returns:
-        [B] int64 indices (ties -> lowest index).
+        [B] int64 indices (values within 1e-5 tie; ties -> lowest index).
     """
-    # Compare against the selected rows only (padded to the largest selection).
-    count = selected.sum(dim=1)
-    width = int(count.max())  # one sync per call, not per step
-    order = torch.sort(selected.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
-    chosen = gather_rows(y, order)  # [B, S, D]
-    similarity = torch.bmm(y, chosen.transpose(1, 2))  # [B, N, S]
-    valid = torch.arange(width, device=y.device)[None, :] < count[:, None]  # [B, S]
-    coverage = similarity.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=2)
-    return coverage.masked_fill(selected, float("inf")).argmin(dim=1)
+    coverage = kernel.masked_fill(~selected[:, None, :], float("-inf")).amax(dim=2)
+    return first_near_max(-coverage.masked_fill(selected, float("inf")), _GAIN_TIE)
+
+
+def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine kernel L = Y Y^T [B, N, N] of the eps-1e-6 unit rows of features [B, N, D].
+
+    `cosine`, the same product for eps-1e-8 unit rows, is rescaled instead of
+    recomputed: the two differ only for rows with norm below 1e-6.
+    """
+    if cosine is None:
+        y = unit_rows(features, _FEATURE_EPS)
+        return torch.bmm(y, y.transpose(1, 2))
+    norms = features.float().norm(dim=-1)
+    scale = norms.clamp_min(1e-8) / norms.clamp_min(_FEATURE_EPS)  # [B, N], 1 unless tiny
+    return cosine * scale[:, :, None] * scale[:, None, :]
 
 
 def dpp_greedy_map(
@@ -61,18 +74,23 @@ def dpp_greedy_map(
         [B, k] int64 indices in pick order, distinct within each image.
 
     Exactly `k` tokens are always returned (no early stop): residual gains are
-    clamped at 0, the pivot is sqrt(max(d^2, 1e-8)), ties go to the lowest
-    index, and picked tokens are masked so they can never be chosen again.
+    clamped at 0, the pivot is sqrt(max(d^2, 1e-8)), ties (gains within 1e-5)
+    go to the lowest index, and picked tokens are masked so they can never be
+    chosen again.
     Greedy picks do not depend on k, so a caller needing k_b <= k tokens for
     image b may take the first k_b columns.
     """
-    batch, num_tokens, _ = features.shape
-    device = features.device
+    return dpp_from_kernel(dpp_kernel(features), k, selected=selected)
+
+
+def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | None = None) -> torch.Tensor:
+    """`dpp_greedy_map` on a precomputed cosine kernel [B, N, N]."""
+    batch, num_tokens, _ = kernel.shape
+    device = kernel.device
     picked = torch.zeros(batch, k, dtype=torch.long, device=device)
     if k == 0:
         return picked
-    y = unit_rows(features, _FEATURE_EPS)
-    gains = (y * y).sum(dim=-1)  # [B, N] diagonal of L, residual marginal gains
+    gains = kernel.diagonal(dim1=1, dim2=2).clone()  # residual marginal gains
     taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
     if selected is not None:
         taken |= selected
@@ -80,7 +98,7 @@ def dpp_greedy_map(
     current = first_near_max(gains, _DIAGONAL_TIE)
     if selected is not None and bool(selected.any()):
         has_selection = selected.any(dim=1)
-        current = torch.where(has_selection, least_covered(y, selected | ~has_selection[:, None]), current)
+        current = torch.where(has_selection, least_covered(kernel, selected | ~has_selection[:, None]), current)
 
     cholesky_rows = torch.zeros(batch, k, num_tokens, dtype=torch.float32, device=device)
     for step in range(k):
@@ -90,11 +108,11 @@ def dpp_greedy_map(
         index = current[:, None]
         taken.scatter_(1, index, True)
         pivot = gains.gather(1, index).clamp_min(_PIVOT_FLOOR).sqrt()  # [B, 1]
-        kernel_row = torch.bmm(y, gather_rows(y, index).transpose(1, 2)).squeeze(2)  # [B, N]
+        kernel_row = gather_rows(kernel, index).squeeze(1)  # [B, N]
         earlier = cholesky_rows[:, :step]  # [B, step, N]
         projection = (earlier.gather(2, index[:, None, :].expand(-1, step, 1)) * earlier).sum(dim=1)
         new_row = (kernel_row - projection) / pivot
         cholesky_rows[:, step] = new_row
         gains = (gains - new_row * new_row).clamp_min(0.0)
-        current = gains.masked_fill(taken, float("-inf")).argmax(dim=1)
+        current = first_near_max(gains.masked_fill(taken, float("-inf")), _GAIN_TIE)
     return picked

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .common import gather_rows, unit_rows
+from .common import first_near_max, gather_rows, unit_rows
 
 _FEATURE_EPS = 1e-6
+# Distances this close to the best count as ties (lowest index wins), so picks do
+# not depend on float rounding among near-identical tokens.
+DISTANCE_TIE = 1e-5
 
 
 def check_batch(features: torch.Tensor, k: int, selected: torch.Tensor | None = None) -> None:
@@ -31,7 +34,7 @@ def check_batch(features: torch.Tensor, k: int, selected: torch.Tensor | None = 
 
 
 def max_min_picks(
-    y: torch.Tensor,
+    similarity: torch.Tensor,
     first: torch.Tensor,
     min_distance: torch.Tensor,
     excluded: torch.Tensor,
@@ -40,7 +43,8 @@ def max_min_picks(
     """Greedy max-min selection from a given first pick.
 
     Args:
-        y: [B, N, D] float32 unit rows.
+        similarity: [B, N, N] float32 cosine similarity (one GEMM up front: reading a
+            row per step is far cheaper than a [B, N, D] product per step).
         first: [B] int64 first pick of each image.
         min_distance: [B, N] float32 cosine distance of each token to the tokens
             chosen before `first` (inf where there are none).
@@ -50,8 +54,8 @@ def max_min_picks(
     Returns:
         [B, k] int64 indices in pick order; column 0 is `first`.
     """
-    batch, num_tokens, _ = y.shape
-    picked = torch.empty(batch, k, dtype=torch.long, device=y.device)
+    batch, num_tokens, _ = similarity.shape
+    picked = torch.empty(batch, k, dtype=torch.long, device=similarity.device)
     taken = excluded.clone()
     current = first
     for step in range(k):
@@ -60,9 +64,9 @@ def max_min_picks(
             break
         index = current[:, None]
         taken.scatter_(1, index, True)
-        similarity = torch.bmm(y, gather_rows(y, index).transpose(1, 2)).squeeze(2)  # [B, N]
-        min_distance = torch.minimum(min_distance, 1.0 - similarity)
-        current = min_distance.masked_fill(taken, float("-inf")).argmax(dim=1)
+        row = gather_rows(similarity, index).squeeze(1)  # [B, N]
+        min_distance = torch.minimum(min_distance, 1.0 - row)
+        current = first_near_max(min_distance.masked_fill(taken, float("-inf")), DISTANCE_TIE)
     return picked
 
 
@@ -95,13 +99,14 @@ def farthest_point_sampling(
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
     y = unit_rows(features, _FEATURE_EPS)
+    similarity = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
     first = torch.zeros(batch, dtype=torch.long, device=device)
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
     if selected is not None:
         excluded = selected
-        distance = torch.bmm(y, y.transpose(1, 2)).neg_().add_(1.0)  # [B, N, N]
-        min_distance = distance.masked_fill_(~selected[:, None, :], float("inf")).amin(dim=2)
-        farthest = min_distance.masked_fill(selected, float("-inf")).argmax(dim=1)
+        distance = 1.0 - similarity.masked_fill(~selected[:, None, :], -float("inf"))  # inf off the set
+        min_distance = distance.amin(dim=2)
+        farthest = first_near_max(min_distance.masked_fill(selected, float("-inf")), DISTANCE_TIE)
         first = torch.where(selected.any(dim=1), farthest, first)
-    return max_min_picks(y, first, min_distance, excluded, k)
+    return max_min_picks(similarity, first, min_distance, excluded, k)

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .common import descending_stable, unit_rows
-from .dpp import dpp_greedy_map
+from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
 
@@ -29,6 +29,7 @@ QWEN2_5_VL_MU = 0.5744
 _NORM_EPS = 1e-8
 _EIGEN_FLOOR = 1e-12
 _LOGIT_CLAMP = 20.0
+_BOUND_MARGIN = 1e-4
 
 COVERAGE_STAGES = {"dpp": dpp_greedy_map, "fps": farthest_point_sampling, "fl": facility_location}
 
@@ -63,20 +64,48 @@ class PromPruneOptions(BaseModel):
         return self
 
 
-def spectral_entropy(features: torch.Tensor) -> torch.Tensor:
+def centred_gram(features: torch.Tensor, cosine: torch.Tensor | None = None) -> torch.Tensor:
+    """The smaller Gram matrix of L2-normalised, centred tokens: features [..., N, D].
+
+    N x N (Xc Xc^T) if N <= D, else D x D (Xc^T Xc); both have the same nonzero
+    spectrum. If `cosine` [..., N, N] (Y Y^T of the eps-1e-8 unit rows) is given
+    and N <= D, the N x N Gram is obtained from it by double centring in O(N^2)
+    instead of another O(N^2 D) product.
+    """
+    num_tokens, width = features.shape[-2:]
+    if num_tokens <= width and cosine is not None:
+        row_means = cosine.mean(dim=-1, keepdim=True)
+        return cosine - row_means - row_means.transpose(-1, -2) + row_means.mean(dim=-2, keepdim=True)
+    x = unit_rows(features, _NORM_EPS)
+    x = x - x.mean(dim=-2, keepdim=True)
+    return x @ x.transpose(-1, -2) if num_tokens <= width else x.transpose(-1, -2) @ x
+
+
+def spectral_entropy(features: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised spectral entropy Hn in [0, 1] of token features [..., N, D], N >= 2.
 
     Tokens are L2-normalised and centred; the eigenvalues of the smaller Gram
-    matrix (N x N if N <= D, else D x D) form the spectrum. Returns float32 [...].
+    matrix (see `centred_gram`, or pass it) form the spectrum, clamped at 1e-12.
+    Returns float32 [...].
     """
     num_tokens, width = features.shape[-2:]
     if num_tokens < 2:
         raise ValueError("spectral_entropy needs at least 2 tokens")
-    x = unit_rows(features, _NORM_EPS)
-    x = x - x.mean(dim=-2, keepdim=True)
-    gram = x @ x.transpose(-1, -2) if num_tokens <= width else x.transpose(-1, -2) @ x
+    gram = centred_gram(features) if gram is None else gram
     eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(_EIGEN_FLOOR)
     return _normalised_entropy(eigenvalues, min(num_tokens, width))
+
+
+def spectral_entropy_lower_bound(gram: torch.Tensor, support: int) -> torch.Tensor:
+    """A lower bound on the normalised spectral entropy, from the Gram alone in O(n^2).
+
+    Shannon entropy is at least the Renyi-2 entropy -ln(sum p_i^2), and
+    sum p_i^2 = ||G||_F^2 / tr(G)^2 needs no eigenvalues. A margin of 1e-4 covers
+    float32 rounding of the two sums. Returns [...].
+    """
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    collision = gram.square().sum(dim=(-2, -1)) / trace.square()
+    return (-collision.log() / math.log(support) - _BOUND_MARGIN).clamp(0.0, 1.0)
 
 
 def attention_entropy(saliency: torch.Tensor) -> torch.Tensor:
@@ -95,15 +124,6 @@ def _normalised_entropy(mass: torch.Tensor, support: int) -> torch.Tensor:
     return -(p * p.log()).sum(dim=-1) / math.log(support)
 
 
-def image_entropy(features: torch.Tensor, saliency: torch.Tensor, options: PromPruneOptions) -> torch.Tensor:
-    """The entropy `options.entropy` names: features [B, N, D], saliency [B, N] -> [B]."""
-    if options.entropy == "attention":
-        return attention_entropy(saliency)
-    if options.entropy == "feature_norm":
-        return feature_norm_entropy(features)
-    return spectral_entropy(features)
-
-
 def saliency_budgets(normalised_entropy: torch.Tensor, keep: int, options: PromPruneOptions) -> torch.Tensor:
     """K_sal per image [...] (int64): how many of `keep` tokens stage 1 takes (float32 math)."""
     if options.fixed_share is not None:
@@ -117,6 +137,39 @@ def saliency_budgets(normalised_entropy: torch.Tensor, keep: int, options: PromP
 def saliency_budget(normalised_entropy: torch.Tensor, keep: int, options: PromPruneOptions) -> int:
     """K_sal for one image (0-d entropy)."""
     return int(saliency_budgets(normalised_entropy, keep, options).item())
+
+
+def stage_one_budgets(
+    features: torch.Tensor,
+    saliency: torch.Tensor,
+    keep: int,
+    options: PromPruneOptions,
+    cosine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K_sal per image [B] for features [B, N, D] and saliency [B, N].
+
+    With the spectral entropy, the eigendecomposition is skipped for an image
+    whose split is already decided: if every entropy between a cheap lower bound
+    and 1 gives the same K_sal, that is the K_sal the exact entropy gives
+    (the sigmoid split is monotonic). This typically covers images whose entropy
+    is far above mu; the others get the exact eigenvalues.
+    """
+    if options.fixed_share is not None:
+        return saliency_budgets(torch.zeros(len(features), device=features.device), keep, options)
+    if options.entropy == "attention":
+        return saliency_budgets(attention_entropy(saliency), keep, options)
+    if options.entropy == "feature_norm":
+        return saliency_budgets(feature_norm_entropy(features), keep, options)
+    num_tokens, width = features.shape[-2:]
+    gram = centred_gram(features, cosine)
+    at_bound = saliency_budgets(spectral_entropy_lower_bound(gram, min(num_tokens, width)), keep, options)
+    at_top = saliency_budgets(torch.ones_like(at_bound, dtype=torch.float32), keep, options)
+    budgets = at_bound.clone()
+    undecided = (at_bound != at_top).nonzero().flatten()  # one host sync per batch
+    if len(undecided):
+        exact = spectral_entropy(features[undecided], gram[undecided])
+        budgets[undecided] = saliency_budgets(exact, keep, options)
+    return budgets
 
 
 def promprune_select(
@@ -138,7 +191,12 @@ def promprune_select(
         then stage-2 tokens in coverage pick order.
     """
     batch, num_tokens, _ = features.shape
-    k_sal = saliency_budgets(image_entropy(features, saliency, options), keep, options)  # [B]
+    # One product serves both the spectral Gram and the DPP kernel.
+    cosine = None
+    if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
+        unit = unit_rows(features, _NORM_EPS)
+        cosine = torch.bmm(unit, unit.transpose(1, 2))
+    k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
     by_saliency = descending_stable(saliency)  # [B, N]
     rank = torch.empty_like(by_saliency).scatter_(
         1, by_saliency, torch.arange(num_tokens, device=features.device).expand(batch, -1)
@@ -147,7 +205,10 @@ def promprune_select(
     k_cov = keep - k_sal
     # Greedy coverage picks do not depend on how many are taken: run the largest
     # stage 2 once for the whole batch and keep each image's first k_cov picks.
-    coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
+    if options.coverage == "dpp":
+        coverage = dpp_from_kernel(dpp_kernel(features, cosine), int(k_cov.max()), selected=salient)
+    else:
+        coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
     step = torch.arange(keep, device=features.device)[None, :]
     stage_one = by_saliency[:, :keep]
     stage_two = torch.cat([coverage, coverage.new_zeros(batch, keep)], dim=1)
