@@ -37,6 +37,12 @@ def unit_rows(features: torch.Tensor, eps: float) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1, eps=eps)
 
 
+def cosine_matrix(features: torch.Tensor, eps: float) -> torch.Tensor:
+    """Cosine similarity [B, N, N] of the rows of `features` [B, N, D] (float32, norms clamped at `eps`)."""
+    unit = unit_rows(features, eps)
+    return torch.bmm(unit, unit.transpose(1, 2))
+
+
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows `index` [B, K] of `values` [B, N, D] -> [B, K, D]."""
     return values.gather(1, index[:, :, None].expand(-1, -1, values.shape[2]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import first_near_max, unit_rows
+from .common import cosine_matrix, first_near_max
 from .fps import DISTANCE_TIE, check_batch, max_min_picks
 
 _FEATURE_EPS = 1e-6
@@ -31,8 +31,7 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     device = features.device
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
-    y = unit_rows(features, _FEATURE_EPS)
-    similarity = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
+    similarity = cosine_matrix(features, _FEATURE_EPS)
     distance = 1.0 - similarity
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     first = first_near_max(distance.amin(dim=2), DISTANCE_TIE)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import first_near_max, gather_rows, unit_rows
+from .common import cosine_matrix, first_near_max, gather_rows
 
 _FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
@@ -45,8 +45,7 @@ def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> to
     recomputed: the two differ only for rows with norm below 1e-6.
     """
     if cosine is None:
-        y = unit_rows(features, _FEATURE_EPS)
-        return torch.bmm(y, y.transpose(1, 2))
+        return cosine_matrix(features, _FEATURE_EPS)
     norms = features.float().norm(dim=-1)
     scale = norms.clamp_min(1e-8) / norms.clamp_min(_FEATURE_EPS)  # [B, N], 1 unless tiny
     return cosine * scale[:, :, None] * scale[:, None, :]

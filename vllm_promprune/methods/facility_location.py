@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import first_near_max, unit_rows
+from .common import cosine_matrix, first_near_max
 from .fps import check_batch
 
 _FEATURE_EPS = 1e-6
@@ -49,8 +49,7 @@ def facility_location(
     picked = torch.zeros(batch, k, dtype=torch.long, device=device)
     if k == 0:
         return picked
-    y = unit_rows(features, _FEATURE_EPS)
-    similarity = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]; sim(i, j) = similarity[:, i, j]
+    similarity = cosine_matrix(features, _FEATURE_EPS)  # sim(i, j) = similarity[:, i, j]
     scratch = torch.empty_like(similarity)
     cover = torch.zeros(batch, num_tokens, device=device)
     taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import first_near_max, gather_rows, unit_rows
+from .common import cosine_matrix, first_near_max, gather_rows
 
 _FEATURE_EPS = 1e-6
 # Distances this close to the best count as ties (lowest index wins), so picks do
@@ -98,8 +98,7 @@ def farthest_point_sampling(
     device = features.device
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
-    y = unit_rows(features, _FEATURE_EPS)
-    similarity = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
+    similarity = cosine_matrix(features, _FEATURE_EPS)
     first = torch.zeros(batch, dtype=torch.long, device=device)
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

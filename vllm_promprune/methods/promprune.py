@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import descending_stable, unit_rows
+from .common import cosine_matrix, descending_stable, unit_rows
 from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
@@ -194,8 +194,7 @@ def promprune_select(
     # One product serves both the spectral Gram and the DPP kernel.
     cosine = None
     if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
-        unit = unit_rows(features, _NORM_EPS)
-        cosine = torch.bmm(unit, unit.transpose(1, 2))
+        cosine = cosine_matrix(features, _NORM_EPS)
     k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
     by_saliency = descending_stable(saliency)  # [B, N]
     rank = torch.empty_like(by_saliency).scatter_(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import descending_stable, gather_rows, unit_rows
+from .common import cosine_matrix, descending_stable, gather_rows
 
 _FEATURE_EPS = 1e-6
 _MAX_DROP_PER_ROUND = 8
@@ -47,11 +47,16 @@ def drop_schedule(remaining: int, target: int) -> list[int]:
     return rounds
 
 
-def _remove_duplicates(y: torch.Tensor, remaining: torch.Tensor, drop: int) -> torch.Tensor:
-    """One round: `remaining` [B, R] ascending positions (R >= 2) -> [B, R - drop] ascending."""
+def _remove_duplicates(similarity: torch.Tensor, remaining: torch.Tensor, drop: int) -> torch.Tensor:
+    """One round: `remaining` [B, R] ascending positions (R >= 2) -> [B, R - drop] ascending.
+
+    `similarity` [B, N, N] is the cosine matrix of all tokens, computed once: a
+    round gathers its even x odd block instead of multiplying features again.
+    """
     even = remaining[:, 0::2]
     odd = remaining[:, 1::2]
-    duplication = torch.bmm(gather_rows(y, even), gather_rows(y, odd).transpose(1, 2)).amax(dim=2)
+    rows = gather_rows(similarity, even)  # [B, E, N]
+    duplication = rows.gather(2, odd[:, None, :].expand(-1, even.shape[1], -1)).amax(dim=2)
     # Drop the `drop` most duplicated evens. Ties (scores equal on a 1e-5 grid, so
     # rounding noise cannot reorder near-identical tokens): the earlier slot goes first.
     duplication = torch.round(duplication / _SCORE_GRID)
@@ -92,7 +97,7 @@ def vispruner(
     if k_diverse == 0:
         return important
     remaining = torch.sort(by_saliency[:, k_important:], dim=1).values
-    y = unit_rows(pre_features, _FEATURE_EPS)
+    similarity = cosine_matrix(pre_features, _FEATURE_EPS)
     for drop in drop_schedule(num_tokens - k_important, k_diverse):
-        remaining = _remove_duplicates(y, remaining, drop)
+        remaining = _remove_duplicates(similarity, remaining, drop)
     return torch.cat([important, remaining], dim=1)
