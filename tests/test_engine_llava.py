@@ -60,11 +60,9 @@ def stock_llm(tiny_llava: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def pruned_llm(tiny_llava: Path) -> Iterator[object]:
-    from vllm import LLM
+    from vllm_promprune.offline import PromPruneLLM
 
-    from vllm_promprune.plugin import hf_overrides
-
-    llm = LLM(str(tiny_llava), hf_overrides=hf_overrides("LlavaForConditionalGeneration"), **ENGINE_ARGS)
+    llm = PromPruneLLM(str(tiny_llava), **ENGINE_ARGS)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -194,3 +192,30 @@ def test_bad_settings_raise_and_engine_keeps_serving(pruned_llm, settings: dict,
         pruned_llm.generate([_request(0, settings)], _greedy(), use_tqdm=False)
     (ids, tokens), = _run(pruned_llm, [_request(0, {"keep": 8})])
     assert len(tokens) == 8
+
+
+def test_sampling_params_route_equals_mm_processor_kwargs_route(pruned_llm) -> None:  # noqa: ANN001
+    from vllm import SamplingParams
+
+    settings = {"keep": 24, "method": "divprune"}
+    via_mm = _run(pruned_llm, [_request(2, settings)])
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"promprune": settings})
+    via_sampling = pruned_llm.generate([_request(2)], params, use_tqdm=False)
+    assert [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in via_sampling] == via_mm
+    assert len(via_mm[0][0]) == len(_run(pruned_llm, [_request(2, {"keep": 1})], max_tokens=1)[0][0]) + 23
+    same = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"promprune": {"keep": 24}})
+    assert _run_with(pruned_llm, _request(2, {"keep": 24}), same) == _run(pruned_llm, [_request(2, {"keep": 24})])
+    clash = SamplingParams(max_tokens=8, extra_args={"promprune": {"keep": 16}})
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs\.promprune\.keep=24 but extra_args\.promprune\.keep=16"):
+        pruned_llm.generate([_request(2, {"keep": 24})], clash, use_tqdm=False)
+
+
+def _run_with(llm, request: dict, params) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
+    outputs = llm.generate([request], params, use_tqdm=False)
+    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+
+
+def test_ratio_budget(stock_llm, pruned_llm) -> None:  # noqa: ANN001
+    (stock_ids, _), = _run(stock_llm, [_request(3)], max_tokens=1)
+    (pruned_ids, _), = _run(pruned_llm, [_request(3, {"ratio": 0.25})], max_tokens=1)
+    assert len(pruned_ids) == len(stock_ids) - NUM_TOKENS + 144

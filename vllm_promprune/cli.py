@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .settings import SETTINGS_KEY, parse_settings
 
+MIDDLEWARE = "vllm_promprune.middleware.PruningSettingsMiddleware"
+
 
 def _json_object(text: str) -> dict[str, object]:
     value = json.loads(text)
@@ -17,23 +19,9 @@ def _json_object(text: str) -> dict[str, object]:
     return value
 
 
-def stock_architecture(model: str) -> str:
-    """The `architectures[0]` of a local checkpoint directory or a hub model id."""
-    config_file = Path(model) / "config.json"
-    if config_file.is_file():
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    else:
-        from transformers import AutoConfig
-
-        architectures = AutoConfig.from_pretrained(model).architectures or []
-    if not architectures:
-        raise SystemExit(f"{model}: config has no 'architectures' entry")
-    return architectures[0]
-
-
 def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     """vLLM `serve` arguments selecting the pruned architecture and server default."""
-    from .plugin import PRUNED_ARCHITECTURES, hf_overrides
+    from .plugin import PRUNED_ARCHITECTURES, hf_overrides, stock_architecture
 
     default: dict[str, object] = dict(args.promprune or {})
     if args.keep is not None:
@@ -51,7 +39,8 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
         overrides.update(hf_overrides(architecture))
     if default:
         overrides[SETTINGS_KEY] = default
-    return [args.model, "--hf-overrides", json.dumps(overrides), *vllm_args]
+    middleware = [] if MIDDLEWARE in vllm_args else ["--middleware", MIDDLEWARE]
+    return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *vllm_args]
 
 
 def run_vllm_serve(argv: list[str]) -> None:

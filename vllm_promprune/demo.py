@@ -64,7 +64,7 @@ def run_demo(model_dir: Path, size: str, keep: int, port: int) -> None:
         print(f"building the offline {size} LLaVA-1.5 checkpoint in {model_dir} ...", flush=True)
         build_llava(model_dir, size=size)
     serve_args = [
-        "--trust-request-mm-kwargs", "--enforce-eager", "--dtype", "float32",
+        "--enforce-eager", "--dtype", "float32",
         "--max-model-len", "2048", "--served-model-name", "llava-offline",
         # Distinct images per request would make these unnecessary; here the
         # same image is sent twice, so caches must not serve the second one.

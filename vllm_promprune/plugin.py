@@ -9,7 +9,9 @@ architecture not supported") rather than silently serving unpruned outputs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 SUPPORTED_VLLM = "0.32."
 
@@ -35,6 +37,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_vllm_version(vllm.__version__)
+    from .patches import trust_pruning_kwargs
+
+    trust_pruning_kwargs.apply()
     supported = set(ModelRegistry.get_supported_archs())
     for name, target in _MODEL_CLASSES.items():
         if name not in supported:
@@ -55,3 +60,17 @@ def hf_overrides(stock_architecture: str, default_settings: Mapping[str, object]
     if default_settings:
         overrides["promprune"] = dict(default_settings)
     return overrides
+
+
+def stock_architecture(model: str) -> str:
+    """The `architectures[0]` of a local checkpoint directory or a hub model id."""
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    else:
+        from transformers import AutoConfig
+
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+    if not architectures:
+        raise ValueError(f"{model}: config has no 'architectures' entry")
+    return architectures[0]

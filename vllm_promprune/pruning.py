@@ -61,7 +61,7 @@ def prune_images(
         result = reduce_tokens(
             group_settings.method,
             batch,
-            group_settings.keep,
+            group_settings.kept_tokens(num_tokens),
             group_settings.options_model(),
             group_settings.order,
         )

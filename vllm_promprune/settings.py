@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from .methods import METHODS, ORDERS, Order, check_method, parse_options
 from .methods.common import describe_validation_error
@@ -21,7 +21,8 @@ from .methods.common import describe_validation_error
 SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
 
-_RESERVED = ("keep", "method", "order")
+_RESERVED = ("keep", "ratio", "method", "order")
+MAX_KEEP = 2**31 - 1
 
 
 class PruneSettings(BaseModel):
@@ -30,17 +31,37 @@ class PruneSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     keep: StrictInt | None = Field(
-        None, ge=1, description="Visual tokens to keep per image; None keeps all."
+        None, ge=1, le=MAX_KEEP,
+        description=f"an integer in [1, {MAX_KEEP}] (visual tokens kept per image) or null (keep all)",
     )
-    method: str = Field("promprune", description=f"One of {sorted(METHODS)}.")
-    order: Order = Field("spatial", description=f"Order fed to the LLM: {list(ORDERS)}.")
+    ratio: float | None = Field(
+        None, gt=0.0, le=1.0, strict=True,
+        description="a number in (0, 1] (share of each image's tokens kept) or null",
+    )
+    method: str = Field("promprune", description=f"one of {sorted(METHODS)}")
+    order: Order = Field("spatial", description=f"one of {list(ORDERS)}")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Validated method options."
     )
 
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneSettings:
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError("set either keep or ratio, not both")
+        return self
+
     def kept_tokens(self, num_tokens: int) -> int:
-        """Number of visual tokens an image of `num_tokens` keeps (= placeholders)."""
+        """Number of visual tokens an image of `num_tokens` keeps (= placeholders).
+
+        `ratio` keeps round_half_to_even(ratio * N) tokens, at least 1.
+        """
+        if self.ratio is not None:
+            return max(1, round(self.ratio * num_tokens))
         return num_tokens if self.keep is None else min(self.keep, num_tokens)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.keep is not None or self.ratio is not None
 
     def prunes(self, num_tokens: int) -> bool:
         return self.kept_tokens(num_tokens) < num_tokens
@@ -83,10 +104,11 @@ def parse_settings(
     try:
         return PruneSettings(
             keep=merged.get("keep"),
+            ratio=merged.get("ratio"),
             method=method,
             order=merged.get("order", "spatial"),
             options=parsed_options.model_dump(),
         )
     except ValidationError as error:
-        problems = describe_validation_error(error, f"{SETTINGS_KEY}.", list(_RESERVED))
+        problems = describe_validation_error(error, f"{SETTINGS_KEY}.", PruneSettings)
         raise ValueError(f"invalid {SETTINGS_KEY} settings: {problems}") from None

@@ -147,7 +147,7 @@ def parse_options(method: str, options: Mapping[str, object], field_prefix: str 
     try:
         return model(**options)
     except ValidationError as error:
-        problems = describe_validation_error(error, field_prefix, list(model.model_fields))
+        problems = describe_validation_error(error, field_prefix, model)
         raise ValueError(f"invalid options for method {method!r}: {problems}") from None
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 Order = Literal["spatial", "selection"]
 ORDERS: tuple[str, ...] = ("spatial", "selection")
@@ -69,15 +69,18 @@ def descending_stable(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.float(), descending=True, stable=True).indices
 
 
-def describe_validation_error(error: ValidationError, field_prefix: str, allowed: list[str]) -> str:
-    """One line per problem, each naming the field as `{field_prefix}{name}`."""
+def describe_validation_error(error: ValidationError, field_prefix: str, model: type[BaseModel]) -> str:
+    """One line per problem, each naming the field as `{field_prefix}{name}` and what it accepts."""
+    fields = model.model_fields
     problems = []
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            problems.append(f"{field_prefix}{name}: unknown option (allowed: {', '.join(allowed) or 'none'})")
+            problems.append(f"{field_prefix}{name}: unknown option (allowed: {', '.join(fields) or 'none'})")
         elif name:
-            problems.append(f"{field_prefix}{name}: {item['msg']} (got {item['input']!r})")
+            field = fields.get(str(item["loc"][0]))
+            accepts = f" [{item['loc'][0]}: {field.description}]" if field is not None and field.description else ""
+            problems.append(f"{field_prefix}{name}: {item['msg']} (got {item['input']!r}){accepts}")
         else:
             problems.append(f"{field_prefix.rstrip('.') or 'options'}: {item['msg']}")
     return "; ".join(problems)

@@ -109,7 +109,8 @@ def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | No
         pivot = gains.gather(1, index).clamp_min(_PIVOT_FLOOR).sqrt()  # [B, 1]
         kernel_row = gather_rows(kernel, index).squeeze(1)  # [B, N]
         earlier = cholesky_rows[:, :step]  # [B, step, N]
-        projection = (earlier.gather(2, index[:, None, :].expand(-1, step, 1)) * earlier).sum(dim=1)
+        column = earlier.gather(2, index[:, None, :].expand(-1, step, 1))  # [B, step, 1]
+        projection = torch.bmm(column.transpose(1, 2), earlier).squeeze(1)  # [B, N]
         new_row = (kernel_row - projection) / pivot
         cholesky_rows[:, step] = new_row
         gains = (gains - new_row * new_row).clamp_min(0.0)

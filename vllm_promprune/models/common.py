@@ -75,7 +75,7 @@ class PruningProcessorMixin:
     ) -> Sequence[PromptUpdate]:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = self.prune_settings(hf_processor_mm_kwargs)
-        if settings.keep is None:
+        if not settings.has_budget:
             return updates
         return [
             _shortened(update, settings, mm_items) if update.modality == "image" else update
@@ -90,7 +90,7 @@ def _shortened(update: PromptUpdate, settings: PruneSettings, mm_items: MultiMod
         if isinstance(mm_items.get("image"), ImageEmbeddingItems):
             raise ValueError(
                 "promprune.keep: pruning needs image pixels; it cannot apply to "
-                "precomputed image_embeds (omit keep for such requests)"
+                "precomputed image_embeds (omit keep/ratio for such requests)"
             )
         content = update.replacement
         tokens = content(item_idx) if callable(content) else content

@@ -1,0 +1,1 @@
+"""Small, version-guarded patches of vLLM internals (applied by the plugin)."""
