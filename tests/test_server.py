@@ -13,7 +13,8 @@ from vllm_promprune.demo import chat_request, image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
-MODEL_NAME = "tiny"
+MODEL_NAME = "llava-offline"  # from the preset
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "cpu-demo.yaml"
 NUM_TOKENS = 576
 SERVER_DEFAULT_KEEP = 32
 
@@ -26,11 +27,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [
-        "--keep", str(SERVER_DEFAULT_KEEP),  # no --trust-request-mm-kwargs: pruning keys need no trust
-        "--enforce-eager", "--dtype", "float32",
-        "--max-model-len", "2048", "--served-model-name", MODEL_NAME,
-    ]
+    # The CPU demo preset, with its default budget changed on the command line.
+    # No --trust-request-mm-kwargs: pruning keys need no trust.
+    args = ["--config", str(PRESET), "--keep", str(SERVER_DEFAULT_KEEP)]
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(str(tiny_llava), args, _free_port(), log) as process:
         yield process

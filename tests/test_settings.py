@@ -21,6 +21,16 @@ def test_request_keys_override_server_default_key_by_key() -> None:
     assert parse_settings({"keep": None}, default).keep is None  # a request can opt out
 
 
+def test_switching_method_drops_the_default_methods_options() -> None:
+    default = {"keep": 64, "method": "promprune", "mu": 0.5, "order": "selection"}
+    switched = parse_settings({"method": "fps"}, default)
+    assert (switched.keep, switched.method, switched.order, switched.options) == (64, "fps", "selection", {})
+    same = parse_settings({"method": "promprune", "tau": 0.1}, default)
+    assert (same.options["mu"], same.options["tau"]) == (0.5, 0.1)
+    with pytest.raises(ValueError, match="promprune.mu"):
+        parse_settings({"method": "fps", "mu": 0.5}, default)  # the request's own options still count
+
+
 def test_family_option_defaults_apply_only_when_unset() -> None:
     assert parse_settings({"keep": 8}, option_defaults={"mu": 0.5744}).options["mu"] == 0.5744
     assert parse_settings({"keep": 8, "mu": 0.3}, option_defaults={"mu": 0.5744}).options["mu"] == 0.3

@@ -19,11 +19,33 @@ def _json_object(text: str) -> dict[str, object]:
     return value
 
 
+def preset_values(vllm_args: list[str]) -> tuple[dict[str, object], list[str]]:
+    """`hf-overrides` (as a dict) and `middleware` entries of a `--config` YAML, if given.
+
+    vLLM lets command-line arguments replace config-file ones wholesale; serve
+    merges the preset's overrides instead, so `--keep` on the command line
+    changes one setting of a preset rather than dropping the preset's others.
+    """
+    if "--config" not in vllm_args:
+        return {}, []
+    import yaml
+
+    path = vllm_args[vllm_args.index("--config") + 1]
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    overrides = config.get("hf-overrides", config.get("hf_overrides")) or {}
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    middleware = config.get("middleware") or []
+    return dict(overrides), [middleware] if isinstance(middleware, str) else list(middleware)
+
+
 def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     """vLLM `serve` arguments selecting the pruned architecture and server default."""
     from .plugin import PRUNED_ARCHITECTURES, hf_overrides, stock_architecture
 
-    default: dict[str, object] = dict(args.promprune or {})
+    preset_overrides, preset_middleware = preset_values(vllm_args)
+    overrides = {**preset_overrides, **(args.hf_overrides or {})}
+    default: dict[str, object] = {**overrides.get(SETTINGS_KEY, {}), **(args.promprune or {})}
     if args.keep is not None:
         default["keep"] = args.keep
     if args.method is not None:
@@ -33,13 +55,13 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     except ValueError as error:
         raise SystemExit(f"vllm-promprune serve: {error}") from None
 
-    overrides = dict(args.hf_overrides or {})
     architecture = stock_architecture(args.model)
-    if architecture not in PRUNED_ARCHITECTURES.values():
+    if architecture not in PRUNED_ARCHITECTURES.values() and not overrides.get("architectures"):
         overrides.update(hf_overrides(architecture))
     if default:
         overrides[SETTINGS_KEY] = default
-    middleware = [] if MIDDLEWARE in vllm_args else ["--middleware", MIDDLEWARE]
+    installed = MIDDLEWARE in vllm_args or MIDDLEWARE in preset_middleware
+    middleware = [] if installed else ["--middleware", MIDDLEWARE]
     return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *vllm_args]
 
 

@@ -86,6 +86,9 @@ def parse_settings(
 ) -> PruneSettings:
     """Validate request settings merged over the server default, key by key.
 
+    If the request names a different method than the default, only the default's
+    `keep`, `ratio` and `order` carry over (its method options do not).
+
     `option_defaults` are model-family defaults for method options (e.g. mu for
     Qwen2.5-VL) applied when the method accepts them and neither the request
     nor the server default sets them. Raises ValueError naming the bad field.
@@ -93,7 +96,12 @@ def parse_settings(
     for name, value in (("promprune", raw), ("server default promprune", default)):
         if value is not None and not isinstance(value, Mapping):
             raise ValueError(f"{name} settings must be an object, got {type(value).__name__}")
-    merged: dict[str, object] = {**(default or {}), **(raw or {})}
+    default, raw = dict(default or {}), dict(raw or {})
+    if "method" in raw and raw["method"] != default.get("method", "promprune"):
+        # A request that switches method keeps the default budget and order, not
+        # options that belong to the default's method.
+        default = {key: value for key, value in default.items() if key in _RESERVED}
+    merged: dict[str, object] = {**default, **raw}
     method = check_method(merged.get("method", "promprune"), f"{SETTINGS_KEY}.")
     options = {k: v for k, v in merged.items() if k not in _RESERVED}
     accepted = METHODS[method].options.model_fields
