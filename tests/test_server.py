@@ -122,3 +122,27 @@ def test_bad_settings_get_400_naming_the_field_and_server_keeps_serving(server: 
     not_an_object = _chat(server, None, mm_processor_kwargs={"promprune": 64})
     assert not_an_object.status_code == 400 and "must be an object" in not_an_object.text
     assert _prompt_tokens(server, {"keep": 16}, seed=1) == text_tokens + 16
+
+
+def _metric_values(server: ServerProcess) -> dict[str, float]:
+    """`/metrics` samples of the pruning metrics, keyed by 'name{labels}'."""
+    values: dict[str, float] = {}
+    for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("vllm:promprune_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_count_tokens_before_and_after_and_time_selection(server: ServerProcess) -> None:
+    before = _metric_values(server)
+    assert _chat(server, {"keep": 16, "method": "fps"}, seed=5).status_code == 200
+    after = _metric_values(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('vllm:promprune_visual_tokens_before_total{method="fps"}') == NUM_TOKENS
+    assert delta('vllm:promprune_visual_tokens_after_total{method="fps"}') == 16
+    assert delta('vllm:promprune_selection_seconds_count{method="fps"}') == 1
+    assert delta('vllm:promprune_selection_seconds_sum{method="fps"}') > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def run_vllm_serve(argv: list[str]) -> None:
     version of a distribution named "vllm"), so this builds the same parser
     from `ServeSubcommand` without the `--version` flag.
     """
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Pruning metrics are recorded in vLLM's worker process; multiprocess mode
+        # lets the API server's /metrics aggregate them. Set before prometheus_client
+        # is first imported; a fresh directory per launch, removed at exit.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir()
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
@@ -86,6 +92,16 @@ def run_vllm_serve(argv: list[str]) -> None:
     configure_logging_from_args(args)
     command.validate(args)
     command.cmd(args)
+
+
+def _metrics_dir() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="vllm-promprune-metrics-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _build_model(args: argparse.Namespace) -> None:
@@ -109,6 +125,12 @@ def _bench_select(args: argparse.Namespace) -> None:
     from .bench_select import main as bench_main
 
     bench_main(args.device, args.repeats, args.methods, args.quick)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from .bench_serve import main as bench_main
+
+    bench_main(args)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -155,6 +177,25 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--methods", nargs="*", default=None)
     bench.add_argument("--quick", action="store_true", help="only N=576")
     bench.set_defaults(handler=_bench_select)
+
+    load = commands.add_parser(
+        "bench-serve", help="throughput/TTFT/KV use under load across budgets, methods and concurrency"
+    )
+    load.add_argument("--url", default=None, help="target a running server instead of starting one")
+    load.add_argument("--model-dir", default=".scratch/models/llava-small", help="checkpoint (tokenizer) to serve or load")
+    load.add_argument("--served-model-name", default=None, help="model name at --url (default: llava-bench)")
+    load.add_argument("--out", default=".scratch/bench-serve")
+    load.add_argument("--budgets", nargs="+", default=["none", "256", "128", "64"])
+    load.add_argument("--methods", nargs="+", default=["promprune", "uniform"])
+    load.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    load.add_argument("--prompts-per-slot", type=int, default=2, help="requests per run = this x concurrency")
+    load.add_argument("--min-prompts", type=int, default=8)
+    load.add_argument("--input-len", type=int, default=32, help="text tokens per request")
+    load.add_argument("--output-len", type=int, default=16)
+    load.add_argument("--ratio-keep", default="64", help="budget used for the printed ratios")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--port", type=int, default=8766)
+    load.set_defaults(handler=_bench_serve)
 
     demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
     demo.add_argument("--model-dir", default=".scratch/models/llava-small")

@@ -8,6 +8,7 @@ settings run as one batch through the method; each image returns exactly
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,11 +31,13 @@ def prune_images(
     tower: TowerOutput,
     settings: Sequence[PruneSettings],
     project: Callable[[torch.Tensor], torch.Tensor],
+    on_selection: Callable[[str, float], None] | None = None,
 ) -> list[torch.Tensor]:
     """Image embeddings for the LLM, one [K_b, D] tensor per image.
 
     `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
-    Unpruned images get all N projected patch tokens.
+    Unpruned images get all N projected patch tokens. `on_selection(method,
+    seconds)` is told the host wall time of each batched selection.
     """
     patches = tower.hidden[:, 1:]
     projected = project(patches)  # [B, N, D]
@@ -48,6 +51,7 @@ def prune_images(
             rows[image] = projected[image]
 
     for members in groups.values():
+        started = time.perf_counter()
         group_settings = settings[members[0]]
         spec = METHODS[group_settings.method]
         index = torch.tensor(members, device=patches.device)
@@ -74,6 +78,8 @@ def prune_images(
             chosen = batch.features.gather(1, result[:, :, None].expand(-1, -1, projected.shape[2]))
         for position, image in enumerate(members):
             rows[image] = chosen[position]
+        if on_selection is not None:
+            on_selection(group_settings.method, time.perf_counter() - started)
 
     for image, image_rows in enumerate(rows):
         expected = settings[image].kept_tokens(num_tokens)

@@ -9,9 +9,10 @@ image returns exactly as many rows as it has placeholders.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from transformers import BatchFeature
 
 from vllm.config import VllmConfig
@@ -19,6 +20,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from .. import metrics
+from ..pruning import TowerOutput, prune_images
 from ..settings import SETTINGS_KEY, PruneSettings, parse_settings
 
 SETTINGS_FIELD = "promprune_settings"
@@ -130,3 +133,11 @@ def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
     if len(settings) != num_items:
         raise ValueError(f"{SETTINGS_FIELD} has {len(settings)} items for {num_items} images")
     return settings
+
+
+def prune_and_record(
+    tower: TowerOutput, settings: Sequence[PruneSettings], project: Callable[[torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor]:
+    """`prune_images` plus the Prometheus counters and selection-time histogram."""
+    metrics.record_images(settings, tower.saliency.shape[1])
+    return prune_images(tower, settings, project, on_selection=metrics.record_selection)

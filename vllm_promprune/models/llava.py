@@ -17,9 +17,15 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..pruning import prune_images
+from .. import metrics
 from .clip_saliency import clip_tower_output
-from .common import SETTINGS_FIELD, PruningProcessorMixin, decode_settings, profiled_items_per_batch
+from .common import (
+    SETTINGS_FIELD,
+    PruningProcessorMixin,
+    decode_settings,
+    profiled_items_per_batch,
+    prune_and_record,
+)
 
 
 class PromPruneLlavaProcessingInfo(LlavaProcessingInfo):
@@ -58,11 +64,12 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values = image_input["pixel_values"]
         settings = decode_settings(field, len(pixel_values))
         if not any(s.prunes(self.tokens_per_image) for s in settings):
+            metrics.record_images(settings, self.tokens_per_image)
             return self._process_image_input(image_input)  # exactly the stock path
 
         embeddings: list[torch.Tensor] = []
         for start in range(0, len(pixel_values), self.encoder_micro_batch):
             stop = start + self.encoder_micro_batch
             tower = clip_tower_output(self.vision_tower, pixel_values[start:stop])
-            embeddings.extend(prune_images(tower, settings[start:stop], self.multi_modal_projector))
+            embeddings.extend(prune_and_record(tower, settings[start:stop], self.multi_modal_projector))
         return embeddings
