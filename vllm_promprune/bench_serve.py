@@ -202,6 +202,10 @@ def plot(results: list[RunResult], out: Path, full_tokens: int) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # fail before a long sweep, not after
+        raise SystemExit("bench-serve writes plots with matplotlib: pip install -e '.[bench]'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)
