@@ -1,10 +1,11 @@
-"""Glue shared by every pruned model family: processor and model mixins.
+"""Glue shared by every pruned model family.
 
-Processor side: strip the settings before the HF processor sees them, attach
-them to every image as a uint8 field, and shorten each image's placeholder run
-to `PruneSettings.kept_tokens(N)`. Model side: decode the field, run the tower
-in micro-batches no larger than profiling covered, select, and assert that each
-image returns exactly as many rows as it has placeholders.
+Processor side (`PruningProcessorMixin`): strip the settings before the HF
+processor sees them, attach them to every image as a uint8 field, and shorten
+each image's placeholder run to `PruneSettings.kept_tokens(N)`. Model side
+(functions): decode the field, size the tower's micro-batches to what memory
+profiling covered, and prune with metrics (`pruning.prune_images` asserts that
+each image returns exactly as many rows as it has placeholders).
 """
 
 from __future__ import annotations
