@@ -51,3 +51,40 @@ def test_chat_template_is_llava_1_5(tiny_llava: Path) -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "<s>USER: <image>\nWhat is it? ASSISTANT:"
+
+
+def test_llava_next_checkpoint_has_anyres_geometry(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from vllm_promprune.checkpoints import build_llava_next
+    from vllm_promprune.synthetic import scene_image
+
+    out = build_llava_next(tmp_path / "llava-next", size="tiny", seed=0)
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(images=[scene_image(0, 672, 672)], text="USER: <image>\nhi ASSISTANT:", return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 5, 3, 336, 336)  # base view + 4 crops
+    # 5 x 576 patch tokens after unpadding/pooling to the grid, plus one newline per row
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 2928
+
+
+def test_qwen2_5_vl_checkpoint_has_real_geometry(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_promprune.checkpoints import build_qwen2_5_vl
+    from vllm_promprune.synthetic import scene_image
+
+    out = build_qwen2_5_vl(tmp_path / "qwen", size="tiny", seed=0)
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    assert sum(text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert list(vision_config.fullatt_block_indexes) == [1, 3]
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[scene_image(0, 448, 448)], text=text, return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]  # 448 / 14 patches per side
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4  # 2x2 merge

@@ -19,6 +19,26 @@ from safetensors.torch import load_file, save_file
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Qwen2.5-VL's ChatML format with a default system turn; images and videos become
+# <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad token).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # LLaVA-1.5 conversation format: "USER: <image>\n{question} ASSISTANT:".
 # Starts with bos_token because vLLM's OpenAI endpoint tokenizes the rendered
@@ -84,21 +104,29 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     ]
 
 
-def build_tokenizer(vocab_size: int, seed: int):
-    """A byte-level BPE tokenizer trained on a seeded synthetic corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _train_bpe(vocab_size: int, seed: int, special_tokens: list[str]):  # noqa: ANN202
+    """A byte-level BPE `tokenizers.Tokenizer` trained on a seeded synthetic corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(_corpus(seed), trainer=trainer)
+    return core
+
+
+def build_tokenizer(vocab_size: int, seed: int):  # noqa: ANN201
+    """LLaVA's tokenizer layout: <s>/</s>/<unk>/<pad>, <image>, BOS added on encode."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = _train_bpe(vocab_size, seed, list(SPECIAL_TOKENS))
     # Like LLaVA's Llama tokenizer: BOS is added when add_special_tokens=True.
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
@@ -111,6 +139,25 @@ def build_tokenizer(vocab_size: int, seed: int):
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=4096,
+    )
+
+
+def build_qwen_tokenizer(vocab_size: int, seed: int):  # noqa: ANN201
+    """Qwen2.5-VL's tokenizer layout: ChatML and vision special tokens, no BOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    core = _train_bpe(vocab_size, seed, list(QWEN_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+        model_max_length=32768,
     )
 
 
@@ -131,36 +178,24 @@ def _fix_clip_tower_keys(out: Path) -> None:
     save_file(fixed, str(path), metadata={"format": "pt"})
 
 
-def build_llava(out: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write an offline LLaVA-1.5-geometry checkpoint to `out` and return it."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+_CLIP_IMAGE = dict(
+    size={"shortest_edge": 336},
+    crop_size={"height": 336, "width": 336},
+    do_center_crop=True,
+    image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711],
+)
+# llava-v1.6's AnyRes grid: a 672x672 image is the 336-px base view plus 4 crops.
+ANYRES_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _clip_llama_parts(size: str, seed: int):  # noqa: ANN202 (transformers types)
+    """Tokenizer, CLIP-336/14 vision config and Llama text config for one size."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     geometry = LLAVA_SIZES[size]
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(geometry.vocab_size, seed)
     tokenizer.chat_template = LLAVA_1_5_CHAT_TEMPLATE
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_1_5_CHAT_TEMPLATE,
-    )
     vision = CLIPVisionConfig(
         hidden_size=geometry.vision_hidden,
         intermediate_size=geometry.vision_intermediate,
@@ -184,7 +219,21 @@ def build_llava(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
+    return tokenizer, vision, text
+
+
+def _llava_processor_args(tokenizer) -> dict:  # noqa: ANN001
+    return dict(
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_1_5_CHAT_TEMPLATE,
+    )
+
+
+def _llava_config_args(tokenizer, vision, text) -> dict:  # noqa: ANN001
+    return dict(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -194,16 +243,125 @@ def build_llava(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         image_seq_length=576,
         tie_word_embeddings=False,
     )
+
+
+def _save(model_class, config, processor, out: Path, family: str, size: str, seed: int) -> Path:  # noqa: ANN001
+    """Seeded random weights in float32, keys in vLLM's layout, processor, build record."""
+    out.mkdir(parents=True, exist_ok=True)
     config.dtype = torch.float32
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     _fix_clip_tower_keys(out)
     processor.save_pretrained(out)
     (out / "promprune_build.json").write_text(
-        json.dumps({"family": "llava", "size": size, "seed": seed}, indent=2) + "\n"
+        json.dumps({"family": family, "size": size, "seed": seed}, indent=2) + "\n"
     )
     return out
 
 
-BUILDERS = {"llava": build_llava}
+def build_llava(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline LLaVA-1.5-geometry checkpoint to `out` and return it."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer, vision, text = _clip_llama_parts(size, seed)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(**_CLIP_IMAGE), **_llava_processor_args(tokenizer))
+    config = LlavaConfig(**_llava_config_args(tokenizer, vision, text))
+    return _save(LlavaForConditionalGeneration, config, processor, out, "llava", size, seed)
+
+
+def build_llava_next(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline LLaVA-NeXT (llava-v1.6 AnyRes) checkpoint to `out` and return it."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer, vision, text = _clip_llama_parts(size, seed)
+    image_processor = LlavaNextImageProcessor(image_grid_pinpoints=ANYRES_PINPOINTS, **_CLIP_IMAGE)
+    processor = LlavaNextProcessor(image_processor=image_processor, **_llava_processor_args(tokenizer))
+    config = LlavaNextConfig(image_grid_pinpoints=ANYRES_PINPOINTS, **_llava_config_args(tokenizer, vision, text))
+    return _save(LlavaNextForConditionalGeneration, config, processor, out, "llava-next", size, seed)
+
+
+@dataclass(frozen=True)
+class QwenSize:
+    """Geometry of an offline Qwen2.5-VL checkpoint (ViT patch 14, 2x2 merge, temporal patch 2)."""
+
+    vocab_size: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim / 2
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+    vision_intermediate: int
+    fullatt_block_indexes: tuple[int, ...]
+
+
+QWEN_SIZES: dict[str, QwenSize] = {
+    "tiny": QwenSize(1024, 128, 2, 4, 2, 256, (4, 6, 6), 64, 4, 4, 128, (1, 3)),
+    "small": QwenSize(8192, 768, 8, 12, 4, 2048, (8, 12, 12), 256, 8, 4, 512, (3, 7)),
+}
+
+
+def build_qwen2_5_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline Qwen2.5-VL checkpoint (window attention, M-RoPE) to `out`."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    geometry = QWEN_SIZES[size]
+    tokenizer = build_qwen_tokenizer(geometry.vocab_size, seed)
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    # Pixel limits keep test images small: at most 640 merged tokens per image.
+    pixel_limits = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 640)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixel_limits),
+        video_processor=Qwen2VLVideoProcessor(**pixel_limits),
+        tokenizer=tokenizer,
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+    )}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=geometry.text_hidden,
+            intermediate_size=geometry.text_intermediate,
+            num_hidden_layers=geometry.text_layers,
+            num_attention_heads=geometry.text_heads,
+            num_key_value_heads=geometry.text_kv_heads,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": list(geometry.mrope_section)},
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=geometry.vision_depth,
+            hidden_size=geometry.vision_hidden,
+            intermediate_size=geometry.vision_intermediate,
+            num_heads=geometry.vision_heads,
+            out_hidden_size=geometry.text_hidden,
+            fullatt_block_indexes=list(geometry.fullatt_block_indexes),
+        ),
+        tie_word_embeddings=False,
+        **special,
+    )
+    return _save(Qwen2_5_VLForConditionalGeneration, config, processor, out, "qwen2.5-vl", size, seed)
+
+
+BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2.5-vl": build_qwen2_5_vl}

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build-model", help="build an offline checkpoint (random seeded weights)")
-    build.add_argument("--family", choices=["llava"], required=True)
+    build.add_argument("--family", choices=["llava", "llava-next", "qwen2.5-vl"], required=True)
     build.add_argument("--size", choices=["tiny", "small"], default="tiny")
     build.add_argument("--out", required=True)
     build.add_argument("--seed", type=int, default=0)
