@@ -3,8 +3,8 @@
 A request carries `{"promprune": {"keep": 64, "method": "promprune", ...options}}`
 in `mm_processor_kwargs`. The server-wide default lives in the model config
 (`--hf-overrides '{"promprune": {...}}'`, written by `vllm-promprune serve --keep`)
-and is merged key by key under the request's settings. No settings, or no
-`keep`, means no pruning.
+and is merged key by key under the request's settings. No settings, or neither
+`keep` nor `ratio`, means no pruning.
 """
 
 from __future__ import annotations
