@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .common import cosine_matrix, first_near_max
-from .fps import DISTANCE_TIE, check_batch, max_min_picks
+from .fps import check_batch, max_min_picks
 
 _FEATURE_EPS = 1e-6
 
@@ -34,7 +34,7 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     similarity = cosine_matrix(features, _FEATURE_EPS)
     distance = 1.0 - similarity
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    first = first_near_max(distance.amin(dim=2), DISTANCE_TIE)
+    first = first_near_max(distance.amin(dim=2))
     del distance
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

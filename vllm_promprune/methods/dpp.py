@@ -17,12 +17,6 @@ from .common import cosine_matrix, first_near_max, gather_rows
 
 _FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
-# Gains (in [0, 1]) this close to the maximum count as ties and go to the lowest
-# index, so picks do not depend on rounding noise: the kernel diagonal of unit
-# rows is 1 up to rounding, and near-identical tokens (flat image regions) have
-# gains equal up to rounding.
-_DIAGONAL_TIE = 1e-5
-_GAIN_TIE = 1e-5
 
 
 def least_covered(kernel: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -35,7 +29,7 @@ def least_covered(kernel: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         [B] int64 indices (values within 1e-5 tie; ties -> lowest index).
     """
     coverage = kernel.masked_fill(~selected[:, None, :], float("-inf")).amax(dim=2)
-    return first_near_max(-coverage.masked_fill(selected, float("inf")), _GAIN_TIE)
+    return first_near_max(-coverage.masked_fill(selected, float("inf")))
 
 
 def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +88,7 @@ def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | No
     if selected is not None:
         taken |= selected
 
-    current = first_near_max(gains, _DIAGONAL_TIE)
+    current = first_near_max(gains)  # the diagonal: all 1 up to rounding
     if selected is not None and bool(selected.any()):
         has_selection = selected.any(dim=1)
         current = torch.where(has_selection, least_covered(kernel, selected | ~has_selection[:, None]), current)
@@ -114,5 +108,5 @@ def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | No
         new_row = (kernel_row - projection) / pivot
         cholesky_rows[:, step] = new_row
         gains = (gains - new_row * new_row).clamp_min(0.0)
-        current = first_near_max(gains.masked_fill(taken, float("-inf")), _GAIN_TIE)
+        current = first_near_max(gains.masked_fill(taken, float("-inf")))
     return picked

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, first_near_max
+from .common import TIE_TOLERANCE, cosine_matrix, first_near_max
 from .fps import check_batch
 
 _FEATURE_EPS = 1e-6
-# Tokens that mostly cover each other have exactly equal gains in exact
-# arithmetic; gains this close (relative to the best) count as ties.
-_RELATIVE_TIE = 1e-5
 
 
 def facility_location(
@@ -63,7 +60,8 @@ def facility_location(
         gains = torch.sub(similarity, cover[:, :, None], out=scratch).clamp_min_(0.0).sum(dim=1)
         gains.masked_fill_(taken, float("-inf"))
         best = gains.amax(dim=1, keepdim=True)
-        current = first_near_max(gains, _RELATIVE_TIE * best.abs().clamp_min(1.0))
+        # Gains are sums over N tokens, so the tie tolerance is relative to the best.
+        current = first_near_max(gains, TIE_TOLERANCE * best.abs().clamp_min(1.0))
         picked[:, step] = current
         index = current[:, None]
         taken.scatter_(1, index, True)

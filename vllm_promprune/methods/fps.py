@@ -13,9 +13,6 @@ import torch
 from .common import cosine_matrix, first_near_max, gather_rows
 
 _FEATURE_EPS = 1e-6
-# Distances this close to the best count as ties (lowest index wins), so picks do
-# not depend on float rounding among near-identical tokens.
-DISTANCE_TIE = 1e-5
 
 
 def check_batch(features: torch.Tensor, k: int, selected: torch.Tensor | None = None) -> None:
@@ -66,7 +63,7 @@ def max_min_picks(
         taken.scatter_(1, index, True)
         row = gather_rows(similarity, index).squeeze(1)  # [B, N]
         min_distance = torch.minimum(min_distance, 1.0 - row)
-        current = first_near_max(min_distance.masked_fill(taken, float("-inf")), DISTANCE_TIE)
+        current = first_near_max(min_distance.masked_fill(taken, float("-inf")))
     return picked
 
 
@@ -106,6 +103,6 @@ def farthest_point_sampling(
         excluded = selected
         distance = 1.0 - similarity.masked_fill(~selected[:, None, :], -float("inf"))  # inf off the set
         min_distance = distance.amin(dim=2)
-        farthest = first_near_max(min_distance.masked_fill(selected, float("-inf")), DISTANCE_TIE)
+        farthest = first_near_max(min_distance.masked_fill(selected, float("-inf")))
         first = torch.where(selected.any(dim=1), farthest, first)
     return max_min_picks(similarity, first, min_distance, excluded, k)

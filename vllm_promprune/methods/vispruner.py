@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import cosine_matrix, descending_stable, gather_rows
+from .common import TIE_TOLERANCE, cosine_matrix, descending_stable, gather_rows
 
 _FEATURE_EPS = 1e-6
 _MAX_DROP_PER_ROUND = 8
-_SCORE_GRID = 1e-5
 
 
 class VisPrunerOptions(BaseModel):
@@ -59,7 +58,7 @@ def _remove_duplicates(similarity: torch.Tensor, remaining: torch.Tensor, drop: 
     duplication = rows.gather(2, odd[:, None, :].expand(-1, even.shape[1], -1)).amax(dim=2)
     # Drop the `drop` most duplicated evens. Ties (scores equal on a 1e-5 grid, so
     # rounding noise cannot reorder near-identical tokens): the earlier slot goes first.
-    duplication = torch.round(duplication / _SCORE_GRID)
+    duplication = torch.round(duplication / TIE_TOLERANCE)
     survivors = torch.sort(descending_stable(duplication)[:, drop:], dim=1).values
     return torch.sort(torch.cat([even.gather(1, survivors), odd], dim=1), dim=1).values
 
