@@ -14,6 +14,8 @@ import pytest
 
 from vllm_promprune.synthetic import scene_image
 
+from engine import greedy_params, run
+
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 ENGINE_ARGS = dict(
     enforce_eager=True,
@@ -84,23 +86,12 @@ def _request(image_seed: int, settings: dict | None = None, prompt: str = PROMPT
     return request
 
 
-def _greedy(max_tokens: int = 8, logprobs: int | None = None):  # noqa: ANN202
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
-
-
-def _run(llm, requests: list[dict], **sampling) -> list[tuple[list[int], list[int]]]:  # noqa: ANN001
-    outputs = llm.generate(requests, _greedy(**sampling), use_tqdm=False)
-    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
-
-
 @pytest.mark.parametrize("settings", [None, {}, {"keep": NUM_TOKENS}, {"keep": 100_000}, {"keep": None, "mu": 0.3}])
 def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, settings: dict | None) -> None:  # noqa: ANN001
     requests = [_request(seed, settings) for seed in (0, 1)]
     stock_requests = [_request(seed) for seed in (0, 1)]
-    stock = stock_llm.generate(stock_requests, _greedy(logprobs=3), use_tqdm=False)
-    pruned = pruned_llm.generate(requests, _greedy(logprobs=3), use_tqdm=False)
+    stock = stock_llm.generate(stock_requests, greedy_params(logprobs=3), use_tqdm=False)
+    pruned = pruned_llm.generate(requests, greedy_params(logprobs=3), use_tqdm=False)
     for s, p in zip(stock, pruned):
         assert p.prompt_token_ids == s.prompt_token_ids
         assert p.outputs[0].token_ids == s.outputs[0].token_ids
@@ -109,20 +100,20 @@ def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, settings: dic
 
 def test_text_only_prompt_is_unchanged(stock_llm, pruned_llm) -> None:  # noqa: ANN001
     request = {"prompt": "USER: describe a red car ASSISTANT:"}
-    assert _run(pruned_llm, [request]) == _run(stock_llm, [request])
+    assert run(pruned_llm, [request]) == run(stock_llm, [request])
 
 
 @pytest.mark.parametrize("keep", [1, 16, 64, 575])
 def test_prompt_is_text_plus_k(stock_llm, pruned_llm, keep: int) -> None:  # noqa: ANN001
-    (stock_ids, _), = _run(stock_llm, [_request(3)], max_tokens=1)
-    (pruned_ids, _), = _run(pruned_llm, [_request(3, {"keep": keep})], max_tokens=1)
+    (stock_ids, _), = run(stock_llm, [_request(3)], max_tokens=1)
+    (pruned_ids, _), = run(pruned_llm, [_request(3, {"keep": keep})], max_tokens=1)
     assert len(pruned_ids) == len(stock_ids) - NUM_TOKENS + keep
 
 
 @pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
 def test_matches_transformers_reference(pruned_llm, reference, settings: dict) -> None:  # noqa: ANN001
     seeds = REFERENCE_SEEDS
-    results = _run(pruned_llm, [_request(seed, settings) for seed in seeds])
+    results = run(pruned_llm, [_request(seed, settings) for seed in seeds])
     prompt_ids = reference.processor.tokenizer(PROMPT).input_ids
     for seed, (vllm_prompt, vllm_tokens) in zip(seeds, results):
         expected_prompt, expected_tokens = reference.greedy(prompt_ids, [scene_image(seed)], settings, 8)
@@ -164,9 +155,9 @@ def test_reference_cases_are_well_conditioned(reference) -> None:  # noqa: ANN00
 
 def test_budgets_in_one_batch_with_prefix_caching_equal_solo_runs(pruned_llm) -> None:  # noqa: ANN001
     variants = [{"keep": 64}, {"keep": 16}, None, {"keep": 64, "order": "selection"}]
-    solo = [_run(pruned_llm, [_request(6, settings)])[0] for settings in variants]
-    batched = _run(pruned_llm, [_request(6, settings) for settings in variants])
-    again = _run(pruned_llm, [_request(6, settings) for settings in variants])  # prefix-cache hits
+    solo = [run(pruned_llm, [_request(6, settings)])[0] for settings in variants]
+    batched = run(pruned_llm, [_request(6, settings) for settings in variants])
+    again = run(pruned_llm, [_request(6, settings) for settings in variants])  # prefix-cache hits
     assert batched == solo
     assert again == solo
     assert len({tuple(tokens) for _, tokens in solo}) > 1  # budgets really differ in effect
@@ -177,7 +168,7 @@ def test_many_pruned_images_span_encoder_micro_batches(pruned_llm, reference) ->
 
     assert profiled_items_per_batch(pruned_llm.llm_engine.vllm_config, NUM_TOKENS) == 2
     seeds = [10, 11, 12, 13, 14]
-    results = _run(pruned_llm, [_request(seed, {"keep": 16}) for seed in seeds])
+    results = run(pruned_llm, [_request(seed, {"keep": 16}) for seed in seeds])
     prompt_ids = reference.processor.tokenizer(PROMPT).input_ids
     for seed, result in zip(seeds, results):
         assert result == reference.greedy(prompt_ids, [scene_image(seed)], {"keep": 16}, 8)
@@ -189,8 +180,8 @@ def test_many_pruned_images_span_encoder_micro_batches(pruned_llm, reference) ->
 )
 def test_bad_settings_raise_and_engine_keeps_serving(pruned_llm, settings: dict, field: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        pruned_llm.generate([_request(0, settings)], _greedy(), use_tqdm=False)
-    (ids, tokens), = _run(pruned_llm, [_request(0, {"keep": 8})])
+        pruned_llm.generate([_request(0, settings)], greedy_params(), use_tqdm=False)
+    (ids, tokens), = run(pruned_llm, [_request(0, {"keep": 8})])
     assert len(tokens) == 8
 
 
@@ -198,13 +189,13 @@ def test_sampling_params_route_equals_mm_processor_kwargs_route(pruned_llm) -> N
     from vllm import SamplingParams
 
     settings = {"keep": 24, "method": "divprune"}
-    via_mm = _run(pruned_llm, [_request(2, settings)])
+    via_mm = run(pruned_llm, [_request(2, settings)])
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"promprune": settings})
     via_sampling = pruned_llm.generate([_request(2)], params, use_tqdm=False)
     assert [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in via_sampling] == via_mm
-    assert len(via_mm[0][0]) == len(_run(pruned_llm, [_request(2, {"keep": 1})], max_tokens=1)[0][0]) + 23
+    assert len(via_mm[0][0]) == len(run(pruned_llm, [_request(2, {"keep": 1})], max_tokens=1)[0][0]) + 23
     same = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"promprune": {"keep": 24}})
-    assert _run_with(pruned_llm, _request(2, {"keep": 24}), same) == _run(pruned_llm, [_request(2, {"keep": 24})])
+    assert _run_with(pruned_llm, _request(2, {"keep": 24}), same) == run(pruned_llm, [_request(2, {"keep": 24})])
     clash = SamplingParams(max_tokens=8, extra_args={"promprune": {"keep": 16}})
     with pytest.raises(ValueError, match=r"mm_processor_kwargs\.promprune\.keep=24 but extra_args\.promprune\.keep=16"):
         pruned_llm.generate([_request(2, {"keep": 24})], clash, use_tqdm=False)
@@ -216,6 +207,6 @@ def _run_with(llm, request: dict, params) -> list[tuple[list[int], list[int]]]: 
 
 
 def test_ratio_budget(stock_llm, pruned_llm) -> None:  # noqa: ANN001
-    (stock_ids, _), = _run(stock_llm, [_request(3)], max_tokens=1)
-    (pruned_ids, _), = _run(pruned_llm, [_request(3, {"ratio": 0.25})], max_tokens=1)
+    (stock_ids, _), = run(stock_llm, [_request(3)], max_tokens=1)
+    (pruned_ids, _), = run(pruned_llm, [_request(3, {"ratio": 0.25})], max_tokens=1)
     assert len(pruned_ids) == len(stock_ids) - NUM_TOKENS + 144

@@ -9,8 +9,6 @@ process). With plain `vllm serve`, set PROMETHEUS_MULTIPROC_DIR yourself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from prometheus_client import Counter, Histogram
 
 from .settings import PruneSettings
@@ -35,16 +33,11 @@ SELECTION_SECONDS = Histogram(
 )
 
 
-def method_label(settings: PruneSettings, num_tokens: int) -> str:
-    return settings.method if settings.prunes(num_tokens) else UNPRUNED
-
-
-def record_images(settings: Sequence[PruneSettings], num_tokens: int) -> None:
-    """Count each image's tokens before and after pruning."""
-    for image_settings in settings:
-        label = method_label(image_settings, num_tokens)
-        VISUAL_TOKENS_BEFORE.labels(method=label).inc(num_tokens)
-        VISUAL_TOKENS_AFTER.labels(method=label).inc(image_settings.kept_tokens(num_tokens))
+def record_image(settings: PruneSettings, num_content: int, num_stock: int) -> None:
+    """Count one image's visual tokens before (stock placeholders) and after pruning."""
+    label = settings.method if settings.prunes(num_content) else UNPRUNED
+    VISUAL_TOKENS_BEFORE.labels(method=label).inc(num_stock)
+    VISUAL_TOKENS_AFTER.labels(method=label).inc(settings.placeholders(num_content, num_stock))
 
 
 def record_selection(method: str, seconds: float) -> None:

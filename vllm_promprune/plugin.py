@@ -17,9 +17,17 @@ SUPPORTED_VLLM = "0.32."
 
 PRUNED_ARCHITECTURES: Mapping[str, str] = {
     "LlavaForConditionalGeneration": "PromPruneLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "PromPruneLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "PromPruneQwen2_5_VLForConditionalGeneration",
 }
 _MODEL_CLASSES: Mapping[str, str] = {
     "PromPruneLlavaForConditionalGeneration": "vllm_promprune.models.llava:PromPruneLlavaForConditionalGeneration",
+    "PromPruneLlavaNextForConditionalGeneration": (
+        "vllm_promprune.models.llava_next:PromPruneLlavaNextForConditionalGeneration"
+    ),
+    "PromPruneQwen2_5_VLForConditionalGeneration": (
+        "vllm_promprune.models.qwen2_5_vl:PromPruneQwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 

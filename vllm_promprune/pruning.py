@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,7 +25,23 @@ class TowerOutput:
 
     hidden: torch.Tensor  # [B, N + 1, Dv] selected-layer hidden states, CLS first
     saliency: torch.Tensor  # [B, N] CLS attention of the saliency layer (head mean, float32)
-    keys: torch.Tensor  # [B, N + 1, Dk] head-mean keys of that layer
+    keys: torch.Tensor | None  # [B, N + 1, Dk] head-mean keys of that layer (None: tower has none to offer)
+
+    def rows(self, start: int, stop: int) -> TowerOutput:
+        """Images start..stop-1."""
+        keys = None if self.keys is None else self.keys[start:stop]
+        return TowerOutput(self.hidden[start:stop], self.saliency[start:stop], keys)
+
+    @staticmethod
+    def cat(parts: Sequence[TowerOutput]) -> TowerOutput:
+        """Concatenate over images."""
+        keys = None if parts[0].keys is None else torch.cat([part.keys for part in parts])
+        return TowerOutput(torch.cat([p.hidden for p in parts]), torch.cat([p.saliency for p in parts]), keys)
+
+
+class PrunedImage(NamedTuple):
+    rows: torch.Tensor  # [K, D] LLM embeddings
+    kept: torch.Tensor | None  # [K] patch index of each row; None when rows are merged or include CLS
 
 
 def prune_images(
@@ -33,7 +50,17 @@ def prune_images(
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Image embeddings for the LLM, one [K_b, D] tensor per image.
+    """Image embeddings for the LLM, one [K_b, D] tensor per image (see `prune_images_indexed`)."""
+    return [image.rows for image in prune_images_indexed(tower, settings, project, on_selection)]
+
+
+def prune_images_indexed(
+    tower: TowerOutput,
+    settings: Sequence[PruneSettings],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    on_selection: Callable[[str, float], None] | None = None,
+) -> list[PrunedImage]:
+    """Image embeddings for the LLM, with the patch index of every row.
 
     `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
     Unpruned images get all N projected patch tokens. `on_selection(method,
@@ -42,13 +69,13 @@ def prune_images(
     patches = tower.hidden[:, 1:]
     projected = project(patches)  # [B, N, D]
     num_tokens = patches.shape[1]
-    rows: list[torch.Tensor | None] = [None] * len(settings)
+    rows: list[PrunedImage | None] = [None] * len(settings)
     groups: dict[str, list[int]] = {}
     for image, image_settings in enumerate(settings):
         if image_settings.prunes(num_tokens):
             groups.setdefault(image_settings.model_dump_json(), []).append(image)
         else:
-            rows[image] = projected[image]
+            rows[image] = PrunedImage(projected[image], torch.arange(num_tokens, device=patches.device))
 
     for members in groups.values():
         started = time.perf_counter()
@@ -60,7 +87,7 @@ def prune_images(
             saliency=tower.saliency[index],
             pre_features=patches[index],
             cls_pre_feature=tower.hidden[index, 0],
-            keys=tower.keys[index],
+            keys=None if tower.keys is None else tower.keys[index],
         )
         result = reduce_tokens(
             group_settings.method,
@@ -69,6 +96,7 @@ def prune_images(
             group_settings.options_model(),
             group_settings.order,
         )
+        kept: torch.Tensor | list[None] = [None] * len(members)
         if spec.merges:
             chosen = project(result)
         elif spec.with_cls:
@@ -76,14 +104,15 @@ def prune_images(
             chosen = candidates.gather(1, result[:, :, None].expand(-1, -1, candidates.shape[2]))
         else:
             chosen = batch.features.gather(1, result[:, :, None].expand(-1, -1, projected.shape[2]))
+            kept = result
         for position, image in enumerate(members):
-            rows[image] = chosen[position]
+            rows[image] = PrunedImage(chosen[position], kept[position])
         if on_selection is not None:
             on_selection(group_settings.method, time.perf_counter() - started)
 
-    for image, image_rows in enumerate(rows):
+    for image, pruned in enumerate(rows):
         expected = settings[image].kept_tokens(num_tokens)
-        if image_rows is None or image_rows.shape[0] != expected:
-            got = None if image_rows is None else image_rows.shape[0]
+        if pruned is None or pruned.rows.shape[0] != expected:
+            got = None if pruned is None else pruned.rows.shape[0]
             raise AssertionError(f"image {image}: pruning returned {got} rows for {expected} placeholders")
     return rows  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""Plain-transformers reference: LLaVA with the same token selection, no vLLM.
+"""Plain-transformers reference: LLaVA, LLaVA-NeXT and Qwen2.5-VL with the same token selection, no vLLM.
 
 Two uses: the tests check that vLLM's pruned output equals this forward, and
 researchers can apply the selection methods to HF LLaVA models directly.
@@ -13,16 +13,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .pruning import TowerOutput, prune_images
-from .settings import PruneSettings, parse_settings
+from .anyres import anyres_layout, prune_anyres
+from .pruning import TowerOutput, prune_images, prune_images_indexed
+from .qwen_vision import QWEN_OPTION_DEFAULTS, received_attention, to_merged_raster
+from .settings import PruneSettings, parse_image_settings
 
 
 class PrunedLlavaReference:
     """Wraps an HF `LlavaForConditionalGeneration` loaded with attn_implementation="eager"."""
 
     def __init__(self, model, processor) -> None:  # noqa: ANN001 (transformers types)
-        if model.config.vision_feature_select_strategy != "default":
-            raise ValueError("the reference supports vision_feature_select_strategy='default'")
+        if model.config.vision_feature_select_strategy != "default" or not isinstance(
+            model.config.vision_feature_layer, int
+        ):
+            raise ValueError("the reference supports one vision_feature_layer with strategy 'default'")
         self.model = model.eval()
         self.processor = processor
         self.config = model.config
@@ -62,7 +66,7 @@ class PrunedLlavaReference:
         self,
         prompt_ids: Sequence[int],
         images: Sequence[object],
-        settings: PruneSettings | Mapping[str, object] | None = None,
+        settings: Mapping[str, object] | None = None,
         max_new_tokens: int = 8,
     ) -> tuple[list[int], list[int]]:
         """Greedy decode with pruned images; no early stop at EOS.
@@ -70,15 +74,14 @@ class PrunedLlavaReference:
         Args:
             prompt_ids: token ids with ONE image token per image (unexpanded).
             images: PIL images, in prompt order.
-            settings: pruning settings (None: keep all).
+            settings: the request's `promprune` settings (None: keep all); `keep`
+                or `ratio` may be a list with one budget per image.
 
         Returns:
             (expanded prompt ids, generated token ids).
         """
-        if not isinstance(settings, PruneSettings):
-            settings = parse_settings(settings)
         image_token = self.config.image_token_index
-        kept = self.pruned_embeddings(images, [settings] * len(images))
+        kept = self.pruned_embeddings(images, parse_image_settings(settings, len(images)))
         if sum(1 for t in prompt_ids if t == image_token) != len(kept):
             raise ValueError("prompt must contain exactly one image token per image")
 
@@ -90,13 +93,165 @@ class PrunedLlavaReference:
         embeds = self.model.get_input_embeddings()(ids)
         embeds[0, ids[0] == image_token] = torch.cat(kept).to(embeds.dtype)
 
-        language_model = self.model.model.language_model
-        out = language_model(inputs_embeds=embeds, use_cache=True)
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            next_token = self.model.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
-            generated.append(int(next_token))
-            out = language_model(
-                input_ids=next_token[:, None], past_key_values=out.past_key_values, use_cache=True
-            )
-        return expanded, generated
+        return expanded, greedy_decode(self.model, embeds, max_new_tokens)
+
+
+def greedy_decode(model, embeds: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None) -> list[int]:  # noqa: ANN001
+    """Greedy tokens after a prompt given as embeddings [1, L, D]; no early stop at EOS.
+
+    `positions` [3, L] are M-RoPE positions (Qwen2.5-VL); generated tokens then
+    continue from their maximum + 1 in all three dimensions, as in transformers.
+    """
+    language_model = model.model.language_model
+
+    next_position = None if positions is None else int(positions.max()) + 1
+    out = language_model(
+        inputs_embeds=embeds, position_ids=None if positions is None else positions[:, None], use_cache=True
+    )
+    generated: list[int] = []
+    for step in range(max_new_tokens):
+        next_token = model.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
+        generated.append(int(next_token))
+        out = language_model(
+            input_ids=next_token[:, None],
+            position_ids=None if positions is None else torch.full((3, 1, 1), next_position + step),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return generated
+
+
+class PrunedLlavaNextReference(PrunedLlavaReference):
+    """Wraps an HF `LlavaNextForConditionalGeneration` loaded with attn_implementation="eager".
+
+    Unpruned images use transformers' own `pack_image_features` (unpad + newlines);
+    pruned images use `anyres.prune_anyres` on the same tower outputs.
+    """
+
+    @torch.inference_mode()
+    def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+        processed = self.processor.image_processor(images, return_tensors="pt")
+        projector = self.model.model.multi_modal_projector
+        vision = self.config.vision_config
+        embeddings = []
+        for pixel_values, size, image_settings in zip(processed["pixel_values"], processed["image_sizes"], settings):
+            height, width = size.tolist()
+            layout = anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+            tower = self.tower_output(pixel_values[: layout.num_views].to(self.model.dtype))
+            if image_settings.prunes(layout.num_content):
+                embeddings.append(prune_anyres(tower, layout, image_settings, projector))
+            else:
+                (packed,), _ = self.model.model.pack_image_features(
+                    [projector(tower.hidden[:, 1:])], size[None], "default", self.model.model.image_newline
+                )
+                embeddings.append(packed)
+        return embeddings
+
+
+class PrunedQwen2_5_VLReference:
+    """Wraps an HF `Qwen2_5_VLForConditionalGeneration` loaded with attn_implementation="eager".
+
+    Saliency comes from transformers' own vision blocks (block inputs captured by
+    hooks, window order undone with transformers' own window index), and the
+    pruned prompt's positions are transformers' `get_rope_index` positions of
+    the UNPRUNED prompt with the dropped image tokens' columns removed, so
+    agreement with vLLM checks vLLM's position scheme independently.
+    """
+
+    def __init__(self, model, processor) -> None:  # noqa: ANN001 (transformers types)
+        self.model = model.eval()
+        self.processor = processor
+        self.config = model.config
+
+    @torch.inference_mode()
+    def tower_outputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[TowerOutput]:
+        """Per image: merger inputs (zero row first: no CLS) and pooled received attention."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.model.model.visual
+        block = visual.blocks[max(visual.fullatt_block_indexes)]
+        captured: dict[str, object] = {}
+        hooks = [
+            block.register_forward_pre_hook(
+                lambda module, args, kwargs: captured.update(block=(args[0], kwargs)), with_kwargs=True
+            ),
+            visual.merger.register_forward_pre_hook(lambda module, args: captured.update(merger=args[0])),
+        ]
+        try:
+            visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        block_input, kwargs = captured["block"]
+        attention = block.attn
+        length = block_input.shape[0]
+        query, key, _ = (
+            attention.qkv(block.norm1(block_input)).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        )
+        query, key = apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
+        received = received_attention(query, key, kwargs["cu_seqlens"].tolist(), attention.scaling)
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        reverse = torch.argsort(window_index)
+        unit = visual.spatial_merge_unit
+        saliency = to_merged_raster(received, reverse, unit).mean(dim=1)
+        pre_features = to_merged_raster(captured["merger"], reverse, unit).flatten(1)
+        sizes = (grid_thw.prod(-1) // unit).tolist()
+        return [
+            TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
+            for pre, scores in zip(pre_features.split(sizes), saliency.split(sizes))
+        ]
+
+    def project(self, groups: torch.Tensor) -> torch.Tensor:
+        """[..., 4 * Dv] merger inputs -> [..., D] (transformers' merger)."""
+        merger = self.model.model.visual.merger
+        return merger(groups.reshape(-1, merger.ln_q.weight.shape[0])).view(*groups.shape[:-1], -1)
+
+    @torch.inference_mode()
+    def greedy(
+        self,
+        prompt: str,
+        images: Sequence[object],
+        settings: Mapping[str, object] | None = None,
+        max_new_tokens: int = 8,
+    ) -> tuple[list[int], list[int], torch.Tensor]:
+        """Greedy decode with pruned images; no early stop at EOS.
+
+        Args:
+            prompt: text with one `<|image_pad|>` per image (in its vision markers).
+
+        Returns:
+            (pruned prompt ids, generated token ids, prompt positions [3, L]).
+        """
+        inputs = self.processor(text=[prompt], images=list(images), return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        positions = positions[:, 0]
+        grid_thw = inputs["image_grid_thw"]
+        towers = self.tower_outputs(inputs["pixel_values"], grid_thw)
+        image_settings = parse_image_settings(settings, len(images), option_defaults=QWEN_OPTION_DEFAULTS)
+        image_token = self.config.image_token_id
+        is_image = ids == image_token
+        starts = [i for i in range(len(ids)) if is_image[i] and (i == 0 or not is_image[i - 1])]
+
+        columns, rows, cursor = [], [], 0
+        for start, tower, image_setting in zip(starts, towers, image_settings, strict=True):
+            (pruned,) = prune_images_indexed(tower, [image_setting], self.project)
+            columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
+            rows.append(pruned.rows)
+            cursor = start + tower.saliency.shape[1]
+        columns.append(torch.arange(cursor, len(ids)))
+        kept_columns = torch.cat(columns)
+        pruned_ids, pruned_positions = ids[kept_columns], positions[:, kept_columns]
+
+        embeds = self.model.get_input_embeddings()(pruned_ids[None])
+        embeds[0, pruned_ids == image_token] = torch.cat(rows).to(embeds.dtype)
+        generated = greedy_decode(self.model, embeds, max_new_tokens, pruned_positions)
+        return pruned_ids.tolist(), generated, pruned_positions

@@ -1,7 +1,8 @@
 """Per-request pruning settings: parsing, validation, defaults and transport.
 
 A request carries `{"promprune": {"keep": 64, "method": "promprune", ...options}}`
-in `mm_processor_kwargs`. The server-wide default lives in the model config
+in `mm_processor_kwargs`; `keep` (or `ratio`) may instead be a list with one
+budget per image of the request, in prompt order. The server-wide default lives in the model config
 (`--hf-overrides '{"promprune": {...}}'`, written by `vllm-promprune serve --keep`)
 and is merged key by key under the request's settings. No settings, or neither
 `keep` nor `ratio`, means no pruning.
@@ -10,7 +11,7 @@ and is merged key by key under the request's settings. No settings, or neither
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
@@ -21,7 +22,8 @@ from .methods.common import describe_validation_error
 SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
 
-_RESERVED = ("keep", "ratio", "method", "order")
+_RESERVED = ("keep", "ratio", "method", "order", "budget_mode")
+BudgetMode = Literal["global", "per_crop"]
 MAX_KEEP = 2**31 - 1
 
 
@@ -40,6 +42,11 @@ class PruneSettings(BaseModel):
     )
     method: str = Field("promprune", description=f"one of {sorted(METHODS)}")
     order: Order = Field("spatial", description=f"one of {list(ORDERS)}")
+    budget_mode: BudgetMode = Field(
+        "global",
+        description="'global' (one selection over the whole image) or 'per_crop' (budget split "
+        "over a multi-crop image's views; the same as global for single-view images)",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Validated method options."
     )
@@ -58,6 +65,14 @@ class PruneSettings(BaseModel):
         if self.ratio is not None:
             return max(1, round(self.ratio * num_tokens))
         return num_tokens if self.keep is None else min(self.keep, num_tokens)
+
+    def placeholders(self, num_content: int, num_stock: int) -> int:
+        """Placeholders (= LLM rows) for an image with `num_content` selectable tokens.
+
+        `num_stock` is the unpruned image's placeholder count, which may include
+        layout tokens that are not selection candidates (LLaVA-NeXT newlines).
+        """
+        return self.kept_tokens(num_content) if self.prunes(num_content) else num_stock
 
     @property
     def has_budget(self) -> bool:
@@ -87,7 +102,7 @@ def parse_settings(
     """Validate request settings merged over the server default, key by key.
 
     If the request names a different method than the default, only the default's
-    `keep`, `ratio` and `order` carry over (its method options do not).
+    `keep`, `ratio`, `order` and `budget_mode` carry over (its method options do not).
 
     `option_defaults` are model-family defaults for method options (e.g. mu for
     Qwen2.5-VL) applied when the method accepts them and neither the request
@@ -115,8 +130,52 @@ def parse_settings(
             ratio=merged.get("ratio"),
             method=method,
             order=merged.get("order", "spatial"),
+            budget_mode=merged.get("budget_mode", "global"),
             options=parsed_options.model_dump(),
         )
     except ValidationError as error:
         problems = describe_validation_error(error, f"{SETTINGS_KEY}.", PruneSettings)
         raise ValueError(f"invalid {SETTINGS_KEY} settings: {problems}") from None
+
+
+PER_IMAGE_KEYS = ("keep", "ratio")
+"""Settings keys that may hold a list with one value per image."""
+
+
+def parse_image_settings(
+    raw: Mapping[str, object] | None,
+    num_images: int,
+    default: Mapping[str, object] | None = None,
+    option_defaults: Mapping[str, object] | None = None,
+) -> list[PruneSettings]:
+    """One `PruneSettings` per image: `parse_settings` with list budgets spread over the images."""
+    if raw is not None and not isinstance(raw, Mapping):
+        return [parse_settings(raw, default, option_defaults)]  # raises the type error
+    raw = dict(raw or {})
+    check_per_image_lengths(raw, num_images)
+    settings = []
+    for image in range(num_images):
+        image_raw = {key: value[image] if key in PER_IMAGE_KEYS and isinstance(value, list) else value
+                     for key, value in raw.items()}
+        try:
+            settings.append(parse_settings(image_raw, default, option_defaults))
+        except ValueError as error:
+            per_image = any(isinstance(raw.get(key), list) for key in PER_IMAGE_KEYS)
+            raise ValueError(f"image {image}: {error}" if per_image else str(error)) from None
+    return settings
+
+
+def check_per_image_lengths(raw: Mapping[str, object], num_images: int) -> None:
+    for key in PER_IMAGE_KEYS:
+        value = raw.get(key)
+        if isinstance(value, list) and len(value) != num_images:
+            raise ValueError(
+                f"{SETTINGS_KEY}.{key}: a list needs one value per image in prompt order; "
+                f"got {len(value)} values for {num_images} image(s)"
+            )
+
+
+def select_images(raw: Mapping[str, object], images: list[int]) -> dict[str, object]:
+    """`raw` with per-image lists cut down to `images` (indices into the full list)."""
+    return {key: [value[i] for i in images] if key in PER_IMAGE_KEYS and isinstance(value, list) else value
+            for key, value in raw.items()}

@@ -49,3 +49,10 @@ def clip_tower_output(tower: CLIPVisionModel, pixel_values: torch.Tensor) -> Tow
     saliency = head_sums[:, 1:length]  # CLS column dropped, not renormalised
     mean_keys = head_sums[:, length:].view(batch, length, head_dim)
     return TowerOutput(hidden=last(hidden), saliency=saliency, keys=mean_keys)
+
+
+def clip_tower_output_chunked(tower: CLIPVisionModel, pixel_values: torch.Tensor, chunk: int) -> TowerOutput:
+    """`clip_tower_output` over [B, 3, H, W] in chunks of at most `chunk` images."""
+    return TowerOutput.cat(
+        [clip_tower_output(tower, pixel_values[start : start + chunk]) for start in range(0, len(pixel_values), chunk)]
+    )

@@ -20,18 +20,40 @@ from vllm.config import VllmConfig
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.inputs import ProcessorInputs
+from vllm.multimodal.processing.processor import MultiModalIsCached
 
 from .. import metrics
+from ..methods import METHODS, TokenBatch
 from ..pruning import TowerOutput, prune_images
-from ..settings import SETTINGS_KEY, PruneSettings, parse_settings
+from ..settings import (
+    SETTINGS_KEY,
+    PruneSettings,
+    check_per_image_lengths,
+    parse_image_settings,
+    select_images,
+)
 
 SETTINGS_FIELD = "promprune_settings"
 """Name of the per-image multimodal kwarg carrying the encoded settings."""
 
 
 def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
-    """The kwargs minus the pruning settings (the HF processor must not see them)."""
+    """The kwargs minus the pruning settings: the HF processor must not see them, and
+    vLLM caches HF processors keyed by these kwargs (lists in settings are unhashable)."""
     return {k: v for k, v in hf_kwargs.items() if k != SETTINGS_KEY}
+
+
+class UnprunedMaxTokensMixin:
+    """Mix into a `BaseProcessingInfo` subclass (first in the bases).
+
+    Reports the UNPRUNED worst-case tokens per image, so memory profiling and the
+    encoder-cache size stay worst-case even when a server default budget would
+    shorten the dummy profiling prompt.
+    """
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.get_max_image_tokens()}
 
 
 class PruningProcessorMixin:
@@ -39,12 +61,39 @@ class PruningProcessorMixin:
 
     option_defaults: ClassVar[Mapping[str, object]] = {}
     """Model-family defaults for method options (e.g. PromPrune's mu)."""
+    tower_inputs: ClassVar[frozenset[str]] = frozenset(TokenBatch._fields)
+    """The `TokenBatch` inputs this family's tower provides (methods needing others are refused)."""
+    tower_name: ClassVar[str] = "this model's vision tower"
 
-    def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object]) -> PruneSettings:
+    def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object], num_images: int) -> list[PruneSettings]:
+        """Validated settings for each of the `num_images` images being processed."""
         server_default = getattr(self.info.get_hf_config(), SETTINGS_KEY, None)
-        return parse_settings(
-            hf_processor_mm_kwargs.get(SETTINGS_KEY), server_default, self.option_defaults
+        settings = parse_image_settings(
+            hf_processor_mm_kwargs.get(SETTINGS_KEY), num_images, server_default, self.option_defaults
         )
+        for image_settings in settings:
+            missing = set(METHODS[image_settings.method].needs) - self.tower_inputs
+            if image_settings.has_budget and missing:
+                usable = sorted(name for name, spec in METHODS.items() if set(spec.needs) <= self.tower_inputs)
+                raise ValueError(
+                    f"{SETTINGS_KEY}.method {image_settings.method!r} needs {sorted(missing)}, which "
+                    f"{self.tower_name} does not provide; use one of {usable}"
+                )
+        return settings
+
+    def _get_cache_missing_processor_kwargs(
+        self, inputs: ProcessorInputs, mm_is_cached: MultiModalIsCached
+    ) -> Mapping[str, object]:
+        # vLLM processes only the images missing from its processor cache, numbered
+        # from 0: per-image budget lists must be cut down to those images.
+        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
+        raw = kwargs.get(SETTINGS_KEY)
+        if not isinstance(raw, Mapping):
+            return kwargs
+        cached = mm_is_cached.get("image", [])
+        check_per_image_lengths(raw, len(cached))
+        missing = [image for image, is_cached in enumerate(cached) if not is_cached]
+        return {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
 
     def num_images(self, processed_data: BatchFeature) -> int:
         """How many images the HF processor output holds (family-specific)."""
@@ -59,17 +108,24 @@ class PruningProcessorMixin:
         hf_processor_mm_kwargs: Mapping[str, object],
         processed_data: BatchFeature,
     ) -> BatchFeature:
-        processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
-        encoded = self.prune_settings(hf_processor_mm_kwargs).to_tensor()
-        processed[SETTINGS_FIELD] = [encoded] * self.num_images(processed)
+        processed = super()._postprocess_hf_mm_data(mm_inputs, without_settings(hf_processor_mm_kwargs), processed_data)
+        settings = self.prune_settings(hf_processor_mm_kwargs, self.num_images(processed))
+        processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
         return processed
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields = dict(super()._get_mm_fields_config(hf_inputs, without_settings(hf_processor_mm_kwargs)))
         fields[SETTINGS_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
+
+    def content_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_stock: int) -> int:
+        """Selectable tokens of image `item_idx`, whose stock placeholder run is `num_stock`.
+
+        All of them by default; families with layout tokens (LLaVA-NeXT newlines) override.
+        """
+        return num_stock
 
     def _get_prompt_updates(
         self,
@@ -77,32 +133,31 @@ class PruningProcessorMixin:
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = self.prune_settings(hf_processor_mm_kwargs)
-        if not settings.has_budget:
+        updates = super()._get_prompt_updates(mm_items, without_settings(hf_processor_mm_kwargs), out_mm_kwargs)
+        settings = self.prune_settings(hf_processor_mm_kwargs, mm_items.get_count("image", strict=False))
+        if not any(image_settings.has_budget for image_settings in settings):
             return updates
-        return [
-            _shortened(update, settings, mm_items) if update.modality == "image" else update
-            for update in updates
-        ]
+        return [self._shortened(update, settings, mm_items) if update.modality == "image" else update for update in updates]
 
+    def _shortened(
+        self, update: PromptUpdate, settings: Sequence[PruneSettings], mm_items: MultiModalDataItems
+    ) -> PromptUpdate:
+        """The same update with image i's placeholder run cut to `settings[i].placeholders`."""
 
-def _shortened(update: PromptUpdate, settings: PruneSettings, mm_items: MultiModalDataItems) -> PromptReplacement:
-    """The same replacement with each image's placeholder run cut to K tokens."""
+        def replacement(item_idx: int) -> list[int]:
+            if isinstance(mm_items.get("image"), ImageEmbeddingItems):
+                raise ValueError(
+                    "promprune.keep: pruning needs image pixels; it cannot apply to "
+                    "precomputed image_embeds (omit keep/ratio for such requests)"
+                )
+            content = update.replacement
+            tokens = content(item_idx) if callable(content) else content
+            if not isinstance(tokens, list) or len(set(tokens)) != 1:
+                raise TypeError("pruning supports a replacement made of one repeated image token")
+            num_content = self.content_tokens(mm_items, item_idx, len(tokens))
+            return tokens[: settings[item_idx].placeholders(num_content, len(tokens))]
 
-    def replacement(item_idx: int) -> list[int]:
-        if isinstance(mm_items.get("image"), ImageEmbeddingItems):
-            raise ValueError(
-                "promprune.keep: pruning needs image pixels; it cannot apply to "
-                "precomputed image_embeds (omit keep/ratio for such requests)"
-            )
-        content = update.replacement
-        tokens = content(item_idx) if callable(content) else content
-        if not isinstance(tokens, list) or len(set(tokens)) != 1:
-            raise TypeError("pruning supports a replacement made of one repeated image token")
-        return tokens[: settings.kept_tokens(len(tokens))]
-
-    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+        return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
 
 def profiled_items_per_batch(vllm_config: VllmConfig, tokens_per_item: int, modality: str = "image") -> int:
@@ -140,5 +195,7 @@ def prune_and_record(
     tower: TowerOutput, settings: Sequence[PruneSettings], project: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[torch.Tensor]:
     """`prune_images` plus the Prometheus counters and selection-time histogram."""
-    metrics.record_images(settings, tower.saliency.shape[1])
+    num_tokens = tower.saliency.shape[1]
+    for image_settings in settings:
+        metrics.record_image(image_settings, num_tokens, num_tokens)
     return prune_images(tower, settings, project, on_selection=metrics.record_selection)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from transformers import BatchFeature
 
@@ -22,16 +20,15 @@ from .clip_saliency import clip_tower_output
 from .common import (
     SETTINGS_FIELD,
     PruningProcessorMixin,
+    UnprunedMaxTokensMixin,
     decode_settings,
     profiled_items_per_batch,
     prune_and_record,
 )
 
 
-class PromPruneLlavaProcessingInfo(LlavaProcessingInfo):
-    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        # Unpruned N: memory profiling and the encoder cache stay worst-case.
-        return {"image": self.get_max_image_tokens()}
+class PromPruneLlavaProcessingInfo(UnprunedMaxTokensMixin, LlavaProcessingInfo):
+    pass
 
 
 class PromPruneLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
@@ -64,7 +61,8 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values = image_input["pixel_values"]
         settings = decode_settings(field, len(pixel_values))
         if not any(s.prunes(self.tokens_per_image) for s in settings):
-            metrics.record_images(settings, self.tokens_per_image)
+            for image_settings in settings:
+                metrics.record_image(image_settings, self.tokens_per_image, self.tokens_per_image)
             return self._process_image_input(image_input)  # exactly the stock path
 
         embeddings: list[torch.Tensor] = []

@@ -1,0 +1,286 @@
+"""Pruned Qwen2.5-VL: selection after the vision tower, kept tokens at their true M-RoPE positions.
+
+Saliency, block choice and the position scheme are described in
+`vllm_promprune.qwen_vision`. In vLLM terms:
+
+- `get_mrope_input_positions` (run when a request arrives) gives a pruned
+  image's K slots the image's start position and every later token exactly
+  the position the unpruned model gives it.
+- `embed_multimodal` returns, for EVERY image and video, its rows plus
+  `OFFSET_COLUMNS` columns holding each row's (t, h, w) grid offset (zero for
+  unpruned items, whose slots already carry full grid positions). The columns
+  travel with the rows through vLLM's encoder cache, so a chunked prefill that
+  consumes an image over several steps gets each row's own offset.
+- `embed_input_ids` strips the columns and remembers the offsets of this
+  step's multimodal tokens; `forward` adds them to the positions.
+- A prefix-cache hit that covers a whole image skips all of this: its keys are
+  already cached, and the text after it was positioned at arrival.
+
+Videos are not pruned by this plugin. With vLLM's own `--video-pruning-rate`
+(EVS) the video rows EVS keeps carry their grid offsets the same way, so EVS
+videos get exact positions too (on CPU, where vLLM's own EVS position hook never
+runs, as on GPU, where this model's `recompute_mrope_positions` leaves them be).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VisionTransformer,
+    cast_overflow_tensors,
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec
+
+from .. import metrics
+from ..pruning import TowerOutput, prune_images_indexed
+from ..qwen_vision import (
+    OFFSET_COLUMNS,
+    QWEN_OPTION_DEFAULTS,
+    Media,
+    decode_offsets,
+    encode_offsets,
+    grid_offsets,
+    mrope_positions,
+    received_attention,
+    to_merged_raster,
+)
+from .common import SETTINGS_FIELD, PruningProcessorMixin, decode_settings, profiled_items_per_batch
+
+class PromPruneQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    option_defaults = QWEN_OPTION_DEFAULTS
+    tower_inputs: ClassVar[frozenset[str]] = frozenset({"features", "saliency", "pre_features"})
+    tower_name = "Qwen2.5-VL's vision tower (no CLS token, no saliency-layer keys)"
+
+    def num_images(self, processed_data: BatchFeature) -> int:
+        grids = processed_data.get("image_grid_thw")
+        return 0 if grids is None else len(grids)
+
+
+def qwen_tower_outputs(
+    visual: Qwen2_5_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+) -> tuple[list[TowerOutput], list[torch.Tensor]]:
+    """Per image: pruning inputs and the stock merged embeddings [N, D] (raster order).
+
+    TowerOutput rows are merged tokens: `hidden` [1, N + 1, 4 * Dv] is the
+    merger's input (row 0 is a zero placeholder: there is no CLS), `saliency`
+    [1, N] is the attention received at the last full-attention block, pooled
+    per merge group. The embeddings are exactly the stock tower's output.
+    """
+    metadata = visual.prepare_encoder_metadata(grid_thw)
+    embeddings, block_input, merger_input = _visual_forward(visual, pixel_values, metadata)
+    block = visual.blocks[max(visual.fullatt_block_indexes)]
+    attention = block.attn
+    heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+    qkv, _ = attention.qkv(block.norm1(block_input))
+    qkv = qkv.view(qkv.shape[0], 3, heads, head_dim)
+    rotated = attention.apply_rotary_emb(
+        qkv[:, :2].transpose(0, 1).contiguous(),
+        metadata["rotary_pos_emb_cos"],
+        metadata["rotary_pos_emb_sin"],
+    )
+    received = received_attention(rotated[0], rotated[1], metadata["cu_seqlens"].tolist(), head_dim**-0.5)
+    if attention.tp_size > 1:  # heads sharded over tensor-parallel ranks
+        received = tensor_model_parallel_all_reduce(received * heads) / (heads * attention.tp_size)
+
+    unit = visual.spatial_merge_unit
+    reverse = metadata["reverse_indices"]
+    saliency = to_merged_raster(received, reverse, unit).mean(dim=1)
+    pre_features = to_merged_raster(merger_input.reshape(-1, merger_input.shape[-1]), reverse, unit).flatten(1)
+    sizes = [t * h * w // unit for t, h, w in grid_thw]
+    towers = [
+        TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
+        for pre, scores in zip(pre_features.split(sizes), saliency.split(sizes))
+    ]
+    return towers, list(embeddings.split(sizes))
+
+
+def _visual_forward(
+    visual: Qwen2_5_VisionTransformer, pixel_values: torch.Tensor, metadata: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Qwen2_5_VisionTransformer.forward` of vLLM 0.32, step for step, also returning
+    the input of the last full-attention block and of the merger (window order).
+
+    Module hooks cannot observe these: vLLM's compile decorator calls `forward`
+    directly, bypassing `nn.Module.__call__`.
+    """
+    hidden = visual.patch_embed(visual.input_norm(pixel_values.to(device=visual.device), visual.dtype))
+    length = hidden.shape[0]
+    unit = visual.spatial_merge_unit
+    hidden = hidden.reshape(length // unit, unit, -1)[metadata["window_index"]].reshape(length, -1).unsqueeze(1)
+    saliency_block = max(visual.fullatt_block_indexes)
+    block_input = hidden
+    for index, block in enumerate(visual.blocks):
+        full = index in visual.fullatt_block_indexes
+        if index == saliency_block:
+            block_input = hidden
+        hidden = block(
+            hidden,
+            cu_seqlens=metadata["cu_seqlens" if full else "cu_window_seqlens"],
+            rotary_pos_emb_cos=metadata["rotary_pos_emb_cos"],
+            rotary_pos_emb_sin=metadata["rotary_pos_emb_sin"],
+            max_seqlen=metadata["max_seqlen_full" if full else "max_seqlen_window"],
+            sequence_lengths=metadata.get("sequence_lengths_full" if full else "sequence_lengths_window"),
+        )
+    if hidden.dtype == torch.float16:
+        hidden = cast_overflow_tensors(hidden)
+    embeddings = visual.merger(hidden)[metadata["reverse_indices"]]
+    return embeddings, block_input, hidden
+
+
+def merger_projection(visual: Qwen2_5_VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[..., 4 * Dv] merge groups -> [..., D] LLM embeddings (the tower's own merger)."""
+    width = visual.merger.ln_q.weight.shape[0]
+
+    def project(groups: torch.Tensor) -> torch.Tensor:
+        return visual.merger(groups.reshape(-1, width)).view(*groups.shape[:-1], -1)
+
+    return project
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PromPruneQwen2_5_VLMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL whose image embeddings are the K tokens the settings select."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.use_data_parallel:
+            raise ValueError("pruned Qwen2.5-VL does not support mm_encoder_tp_mode='data'")
+        info = MULTIMODAL_REGISTRY.get_processing_info(self.model_config)
+        max_tokens = info.get_max_image_tokens()
+        self.encoder_patch_budget = (
+            profiled_items_per_batch(vllm_config, max_tokens) * max_tokens * self.visual.spatial_merge_unit
+        )
+        self._pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- positions --------------------------------------------------------
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        ordered = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
+        media = [
+            Media(offset, feature.mm_position.length, (t, h, w), t_factor)
+            for feature, (offset, t, h, w, t_factor) in zip(ordered, self.iter_mm_grid_thw(mm_features))
+        ]
+        return mrope_positions(len(input_tokens), media)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        # Called by vLLM's GPU runner when --video-pruning-rate > 0. Positions here
+        # are already final at arrival; offsets ride in the embeddings instead.
+        delta = int(mrope_positions.max()) + 1 - len(input_ids)
+        return multimodal_embeddings, mrope_positions, delta
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._pending_offsets = None
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        offsets = decode_offsets(torch.cat([rows[:, -OFFSET_COLUMNS:] for rows in multimodal_embeddings]))
+        if offsets.any():
+            self._pending_offsets = (is_multimodal.nonzero().squeeze(1), offsets.T.to(is_multimodal.device))
+        stripped = [rows[:, :-OFFSET_COLUMNS] for rows in multimodal_embeddings]
+        return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
+        if self._pending_offsets is not None:
+            slots, offsets = self._pending_offsets
+            self._pending_offsets = None
+            positions = positions.clone()
+            positions[:, slots] += offsets
+        return super().forward(input_ids, positions, *args, **kwargs)
+
+    # -- embeddings -------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        field = kwargs.pop(SETTINGS_FIELD, None)
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        embeddings: list[torch.Tensor] = []
+        for modality, modality_input in inputs.items():
+            if modality == "image":
+                embeddings.extend(self._image_rows(modality_input, field))
+            else:
+                embeddings.extend(self._video_rows(modality_input))
+        return embeddings
+
+    def _video_rows(self, video_input: Any) -> list[torch.Tensor]:
+        videos = self._process_video_input(video_input)
+        if not self.is_multimodal_pruning_enabled:
+            return [_with_offsets(rows, None) for rows in videos]
+        # EVS rows end in 4 columns (t, h, w, grid width) of grid offsets.
+        evs = self._postprocess_video_embeds_evs(videos, video_input)
+        return [_with_offsets(rows[:, :-4], rows[:, -4:-1].round().long()) for rows in evs]
+
+    def _image_rows(self, image_input: Any, field: Any) -> list[torch.Tensor]:
+        grid_thw = image_input["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        sizes = [(t * h * w) // (merge * merge) for t, h, w in grid_thw]
+        settings = decode_settings(field, len(grid_thw))
+        for image_settings, size in zip(settings, sizes):
+            metrics.record_image(image_settings, size, size)
+        if image_input["type"] != "pixel_values" or not any(s.prunes(n) for s, n in zip(settings, sizes)):
+            return [_with_offsets(rows, None) for rows in self._process_image_input(image_input)]
+
+        rows: list[torch.Tensor] = []
+        project = merger_projection(self.visual)
+        patch_counts = [t * h * w for t, h, w in grid_thw]
+        for start, stop in _micro_batches(patch_counts, self.encoder_patch_budget):
+            first_patch = sum(patch_counts[:start])
+            pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
+            towers, stock = qwen_tower_outputs(self.visual, pixels, grid_thw[start:stop])
+            for image, tower, stock_rows in zip(range(start, stop), towers, stock):
+                if not settings[image].prunes(sizes[image]):
+                    rows.append(_with_offsets(stock_rows, None))
+                    continue
+                (pruned,) = prune_images_indexed(tower, [settings[image]], project, metrics.record_selection)
+                width = grid_thw[image][2] // merge
+                rows.append(_with_offsets(pruned.rows, grid_offsets(pruned.kept, width)))
+        return rows
+
+
+def _with_offsets(rows: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """`rows` [K, D] plus OFFSET_COLUMNS columns encoding [K, 3] offsets (None: zeros)."""
+    if offsets is None:
+        columns = rows.new_zeros(rows.shape[0], OFFSET_COLUMNS)
+    else:
+        columns = encode_offsets(offsets.to(rows.device), rows.dtype)
+    return torch.cat([rows, columns], dim=1)
+
+
+def _micro_batches(patch_counts: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive image ranges of at most `budget` patches (at least one image each)."""
+    ranges, start, total = [], 0, 0
+    for image, count in enumerate(patch_counts):
+        if image > start and total + count > budget:
+            ranges.append((start, image))
+            start, total = image, 0
+        total += count
+    ranges.append((start, len(patch_counts)))
+    return ranges
