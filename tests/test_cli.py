@@ -45,8 +45,11 @@ def test_presets_are_valid_and_command_line_changes_one_setting(tiny_llava: Path
 
     from vllm_promprune.settings import parse_settings
 
+    from vllm_promprune.plugin import PRUNED_ARCHITECTURES
+
     config = yaml.safe_load(preset.read_text())
     parse_settings(config["hf-overrides"]["promprune"])
+    assert config["hf-overrides"]["architectures"][0] in PRUNED_ARCHITECTURES.values()
     assert config["middleware"] == MIDDLEWARE
     argv = _argv(tiny_llava, "--config", str(preset), "--keep", "32")
     merged = _overrides(argv)["promprune"]

@@ -57,24 +57,44 @@ def _request(images: list, settings: dict | None = None, prompt: str = PROMPT) -
     return request
 
 
+def _video(num_frames: int = 4, seed: int = 0) -> tuple:
+    """Frames of distinct scenes (224 x 224) with the metadata Qwen's video processor needs."""
+    import numpy as np
+
+    frames = np.stack([np.asarray(scene_image(seed + i, 224, 224)) for i in range(num_frames)])
+    metadata = {"fps": 2.0, "duration": num_frames / 2.0, "total_num_frames": num_frames,
+                "frames_indices": list(range(num_frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return frames, metadata
+
+
+VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_GRID = (2, 8, 8)  # 4 frames of 224 x 224: 2 temporal patches of 8 x 8 merged tokens
+VIDEO_T_STEP = 4  # second_per_grid_ts (2 frames / 2 fps) x tokens_per_second (4)
+
+
+def _engine(cls, model: Path, **overrides):  # noqa: ANN001, ANN003, ANN202
+    import os
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships test functions to the worker
+    llm = cls(str(model), **{**ENGINE_ARGS, **overrides})
+    llm.apply_model(start_recording_positions)
+    return llm
+
+
 @pytest.fixture(scope="module")
 def stock_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
     from vllm import LLM
 
-    llm = LLM(str(tiny_qwen2_5_vl), **ENGINE_ARGS)
+    llm = _engine(LLM, tiny_qwen2_5_vl)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
 def pruned_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
-    import os
-
     from vllm_promprune.offline import PromPruneLLM
 
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships test functions to the worker
-    llm = PromPruneLLM(str(tiny_qwen2_5_vl), **ENGINE_ARGS)
-    llm.apply_model(start_recording_positions)
+    llm = _engine(PromPruneLLM, tiny_qwen2_5_vl)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -90,9 +110,14 @@ def reference(tiny_qwen2_5_vl: Path):  # noqa: ANN201
 
 
 def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN001, ANN202
-    """(prompt ids, tokens, positions of the prompt tokens) of one request run alone."""
+    """(prompt ids, tokens, positions of the prompt tokens) of one request run alone.
+
+    The request must not hit the prefix cache (positions are recorded only for computed tokens).
+    """
     llm.apply_model(take_recorded_positions)  # drop anything recorded before
-    (ids, tokens), = run(llm, [request], max_tokens=max_tokens)
+    output = llm.generate([request], greedy_params(max_tokens), use_tqdm=False)[0]
+    assert output.num_cached_tokens == 0, "use fresh content: this request hit the prefix cache"
+    ids, tokens = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
     (positions,) = llm.apply_model(take_recorded_positions)
     generated = positions[:, len(ids):]
     next_position = int(positions[:, : len(ids)].max()) + 1
@@ -182,3 +207,71 @@ def test_methods_needing_a_cls_token_are_refused(pruned_llm, method: str) -> Non
     with pytest.raises(ValueError, match=rf"promprune\.method '{method}' needs .*Qwen2\.5-VL"):
         run(pruned_llm, [_request([_image("square")], {"keep": 8, "method": method})])
     assert len(run(pruned_llm, [_request([_image("square")], {"keep": 8})])[0][1]) == 8
+
+
+def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm) -> None:  # noqa: ANN001
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=20)}}
+    stock = _solo_with_positions(stock_llm, request)
+    pruned = _solo_with_positions(pruned_llm, dict(request, mm_processor_kwargs={"promprune": {"keep": 8}}))
+    assert pruned[:2] == stock[:2]
+    assert torch.equal(pruned[2], stock[2])
+    assert len(stock[0]) == len(run(stock_llm, [{"prompt": VIDEO_PROMPT.replace("<|video_pad|>", "")}], max_tokens=1)[0][0]) + 128
+
+
+def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference) -> None:  # noqa: ANN001
+    prompt = VIDEO_PROMPT.replace("<|vision_end|>", "<|vision_end|>" + IMAGE, 1)
+    image, video = _image("wide", 3), _video(seed=10)
+    ids, tokens, positions = _solo_with_positions(
+        pruned_llm, {"prompt": prompt, "multi_modal_data": {"video": video, "image": image},
+                     "mm_processor_kwargs": {"promprune": {"keep": 20}}}
+    )
+    stock_ids, _, stock_positions = _solo_with_positions(
+        stock_llm, {"prompt": prompt, "multi_modal_data": {"video": video, "image": image}}
+    )
+    assert len(ids) == len(stock_ids) - 192 + 20
+    video = torch.tensor(stock_ids) == reference.config.video_token_id
+    video_end = int(video.nonzero().max()) + 1
+    assert torch.equal(positions[:, :video_end], stock_positions[:, :video_end])  # video and text before the image
+    assert torch.equal(positions[:, -5:], stock_positions[:, -5:])  # text after the image: unpruned positions
+    assert len(tokens) == 8
+
+
+@pytest.fixture(scope="module")
+def evs_llm(tiny_qwen2_5_vl: Path, pruned_llm) -> Iterator[object]:  # noqa: ANN001
+    """vLLM's own video pruning (EVS) next to this plugin's image pruning.
+
+    Depends on `pruned_llm` only to run after that module's other engines exist
+    once (the fixtures are torn down together at the end of the module).
+    """
+    from vllm_promprune.offline import PromPruneLLM
+
+    llm = _engine(PromPruneLLM, tiny_qwen2_5_vl, video_pruning_rate=0.25)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:  # noqa: ANN001
+    t, h, w = VIDEO_GRID
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=30)}}
+    ids, tokens, positions = _solo_with_positions(evs_llm, request)
+    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    assert len(video) == t * h * w * 3 // 4  # EVS at rate 0.25
+    start = int(positions[0, video[0]])
+    cells = positions[:, video] - start
+    first_frame = cells[:, : h * w]  # EVS always keeps every token of the first frame
+    assert torch.equal(first_frame[0], torch.zeros(h * w, dtype=first_frame.dtype))
+    assert torch.equal(first_frame[1:], torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1))
+    later = cells[:, h * w :]
+    assert bool((later[0] == VIDEO_T_STEP).all()) and int(later[1:].max()) < max(h, w)
+    assert len({tuple(cell) for cell in later.T.tolist()}) == later.shape[1]  # distinct grid cells
+    after = int(video.max()) + 1
+    assert positions[:, after].tolist() == [start + max((t - 1) * VIDEO_T_STEP, h - 1, w - 1) + 1] * 3  # as unpruned
+    assert len(tokens) == 8
+
+
+def test_image_pruning_next_to_vllm_video_pruning(evs_llm, reference) -> None:  # noqa: ANN001
+    settings = {"keep": 50}
+    ids, tokens, positions = _solo_with_positions(evs_llm, _request([_image("tall")], settings))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [_image("tall")], settings)
+    assert (ids, tokens) == (expected_ids, expected_tokens)
+    assert torch.equal(positions, expected_positions)
