@@ -91,7 +91,7 @@ BAD_SETTINGS = [
     ({"keep": "64"}, "promprune.keep"),
     ({"keep": True}, "promprune.keep"),
     ({"keep": 2**40}, "promprune.keep"),
-    ({"keep": [64]}, "promprune.keep"),
+    ({"keep": [64, 32]}, "promprune.keep"),  # one image, two budgets
     ({"ratio": 0}, "promprune.ratio"),
     ({"ratio": 1.5}, "promprune.ratio"),
     ({"ratio": -0.2}, "promprune.ratio"),

@@ -70,3 +70,30 @@ def test_tensor_round_trip_and_counts() -> None:
     assert PruneSettings.from_tensor(settings.to_tensor()) == settings
     assert settings.kept_tokens(576) == 64
     assert settings.kept_tokens(40) == 40 and not settings.prunes(40)
+
+
+def test_budget_lists_give_each_image_its_own_budget() -> None:
+    from vllm_promprune.settings import parse_image_settings
+
+    settings = parse_image_settings({"keep": [8, 64], "method": "fps"}, 2, default={"keep": 32})
+    assert [(s.keep, s.method) for s in settings] == [(8, "fps"), (64, "fps")]
+    assert [s.ratio for s in parse_image_settings({"ratio": [0.5, 0.25]}, 2)] == [0.5, 0.25]
+    assert [s.keep for s in parse_image_settings(None, 3, default={"keep": 16})] == [16, 16, 16]
+
+
+def test_budget_list_errors_name_the_field_and_the_image() -> None:
+    from vllm_promprune.settings import parse_image_settings
+
+    with pytest.raises(ValueError, match=r"promprune\.keep: a list needs one value per image.*got 1 values for 2"):
+        parse_image_settings({"keep": [8]}, 2)
+    with pytest.raises(ValueError, match=r"^image 1: .*promprune\.keep"):
+        parse_image_settings({"keep": [8, 0]}, 2)
+    with pytest.raises(ValueError, match=r"promprune\.method"):
+        parse_image_settings({"keep": [8, 9], "method": [1]}, 2)
+
+
+def test_select_images_cuts_lists_to_the_missing_images() -> None:
+    from vllm_promprune.settings import select_images
+
+    raw = {"keep": [8, 16, 32], "method": "fps", "ratio": None}
+    assert select_images(raw, [0, 2]) == {"keep": [8, 32], "method": "fps", "ratio": None}

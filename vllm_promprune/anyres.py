@@ -140,15 +140,20 @@ def prune_anyres(
         shares = split_budget(keep, layout.view_sizes())
         parts = [(view, layout.content_index[layout.view_of == view], share) for view, share in enumerate(shares)]
 
-    rows = []
-    for cls_view, index, share in parts:
-        if share == 0:
-            continue
-        part = TowerOutput(
-            hidden=torch.cat([tower.hidden[cls_view, :1], patches[index]])[None],
-            saliency=saliency[index][None],
-            keys=torch.cat([tower.keys[cls_view, :1], keys[index]])[None],
+    # Views with the same token count and share (e.g. the 5 views of a square image)
+    # run as one batch.
+    batches: dict[tuple[int, int], list[int]] = {}
+    for part, (_, index, share) in enumerate(parts):
+        if share > 0:
+            batches.setdefault((len(index), share), []).append(part)
+    rows: list[torch.Tensor | None] = [None] * len(parts)
+    for (_, share), members in batches.items():
+        batch = TowerOutput(
+            hidden=torch.stack([torch.cat([tower.hidden[parts[m][0], :1], patches[parts[m][1]]]) for m in members]),
+            saliency=torch.stack([saliency[parts[m][1]] for m in members]),
+            keys=torch.stack([torch.cat([tower.keys[parts[m][0], :1], keys[parts[m][1]]]) for m in members]),
         )
         part_settings = settings.model_copy(update={"keep": share, "ratio": None})
-        rows.extend(prune_images(part, [part_settings], project, on_selection))
-    return torch.cat(rows)
+        for member, member_rows in zip(members, prune_images(batch, [part_settings] * len(members), project, on_selection)):
+            rows[member] = member_rows
+    return torch.cat([part_rows for part_rows in rows if part_rows is not None])

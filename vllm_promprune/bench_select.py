@@ -168,6 +168,37 @@ def run(device: torch.device, repeats: int, methods: list[str], shapes=SHAPES, b
     return timings
 
 
+def per_crop_timings(device: torch.device, repeats: int, tower_ms: float) -> list[Timing]:
+    """PromPrune on a 672 x 672 LLaVA-NeXT image (base + 4 crops, 2880 tokens, K=320)
+    with `budget_mode=per_crop`: five 576-token selections of 64, run as one batch."""
+    from .anyres import anyres_layout, prune_anyres
+    from .checkpoints import ANYRES_PINPOINTS
+    from .methods.promprune import spectral_entropy
+    from .pruning import TowerOutput
+    from .settings import parse_settings
+
+    layout = anyres_layout(672, 672, ANYRES_PINPOINTS, 336, 14)
+    inputs = random_batch(layout.num_views, 576, 4096, device)
+    cls = torch.zeros(layout.num_views, 1, 4096, device=device)
+    tower = TowerOutput(
+        hidden=torch.cat([cls, inputs.features], dim=1), saliency=inputs.saliency, keys=inputs.keys
+    )
+    entropy = float(spectral_entropy(inputs.features).mean())
+    timings = []
+    for label, mu in (("promprune per_crop", 0.42), ("promprune per_crop (mixed split)", entropy)):
+        settings = parse_settings({"keep": 320, "budget_mode": "per_crop", "mu": mu})
+        with torch.inference_mode():
+            seconds = median_seconds(lambda: prune_anyres(tower, layout, settings, lambda x: x), repeats, device)
+        timing = Timing(label, layout.num_content, 4096, 320, 1, 1000.0 * seconds, tower_ms * layout.num_views)
+        timings.append(timing)
+        print(
+            f"N={layout.num_content:5d} D=4096 K=320 B=1  {label:34s} {timing.ms_per_image:9.1f} ms/image  "
+            f"{timing.percent_of_tower:6.2f} % of tower",
+            flush=True,
+        )
+    return timings
+
+
 def markdown_table(timings: list[Timing]) -> str:
     columns = sorted({(t.tokens, t.width, t.keep, t.batch) for t in timings})
     header = "| method | " + " | ".join(f"N={n} D={d} K={k} B={b}" for n, d, k, b in columns) + " |"
@@ -191,6 +222,9 @@ def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool)
         shapes = SHAPES[:1] if quick else SHAPES
         timings = run(device, repeats, chosen, shapes=shapes)
         print(f"\n{markdown_table(timings)}\n")
+        if "promprune" in chosen and not quick:
+            per_crop = per_crop_timings(device, repeats, timings[0].tower_ms_per_image * 576 / timings[0].tokens)
+            print("\n".join(f"LLaVA-NeXT {t.method}: {t.ms_per_image:.1f} ms ({t.percent_of_tower:.1f}%)" for t in per_crop))
         for batch in BATCHES:
             reference_ms, ours_ms, speedup = dpp_speedup(device, repeats, batch)
             print(
