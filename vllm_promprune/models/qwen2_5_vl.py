@@ -18,12 +18,14 @@ Saliency, block choice and the position scheme are described in
 
 Videos are not pruned by this plugin. With vLLM's own `--video-pruning-rate`
 (EVS) the video rows EVS keeps carry their grid offsets the same way, so EVS
-videos get exact positions too (on CPU, where vLLM's own EVS position hook never
-runs, as on GPU, where this model's `recompute_mrope_positions` leaves them be).
+videos get exact positions too. The model declares no `SupportsMultiModalPruning`
+to vLLM's runners, so their own EVS position rewrite (GPU only, and unaware of
+pruned images) never runs: the same path serves CPU and GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -158,10 +160,17 @@ def merger_projection(visual: Qwen2_5_VisionTransformer) -> Callable[[torch.Tens
 class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL whose image embeddings are the K tokens the settings select."""
 
+    # vLLM's runners rewrite positions for EVS-pruned videos when a model declares
+    # this (GPU only); this model positions every item itself, on every device.
+    supports_multimodal_pruning = False
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.use_data_parallel:
             raise ValueError("pruned Qwen2.5-VL does not support mm_encoder_tp_mode='data'")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # Position offsets are read from the embeddings on the first stage only.
+            raise ValueError("pruned Qwen2.5-VL does not support pipeline parallelism")
         info = MULTIMODAL_REGISTRY.get_processing_info(self.model_config)
         max_tokens = info.get_max_image_tokens()
         self.encoder_patch_budget = (
@@ -181,17 +190,10 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         ]
         return mrope_positions(len(input_tokens), media)
 
-    def recompute_mrope_positions(
-        self,
-        input_ids: list[int] | torch.Tensor,
-        multimodal_embeddings: Sequence[torch.Tensor],
-        mrope_positions: torch.LongTensor,
-        num_computed_tokens: int,
-    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        # Called by vLLM's GPU runner when --video-pruning-rate > 0. Positions here
-        # are already final at arrival; offsets ride in the embeddings instead.
-        delta = int(mrope_positions.max()) + 1 - len(input_ids)
-        return multimodal_embeddings, mrope_positions, delta
+    def get_encoder_cudagraph_config(self):  # noqa: ANN201
+        # Encoder CUDA graphs bypass embed_multimodal, whose rows carry the offset
+        # columns embed_input_ids expects: run the tower eagerly for every modality.
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
     def embed_input_ids(
         self,
