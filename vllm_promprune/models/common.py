@@ -96,8 +96,9 @@ class PruningProcessorMixin:
         return {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
 
     def num_images(self, processed_data: BatchFeature) -> int:
-        """How many images the HF processor output holds (family-specific)."""
-        raise NotImplementedError
+        """How many images the HF processor output holds (LLaVA layout; Qwen overrides)."""
+        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
+        return 0 if images is None else len(images)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         return super()._call_hf_processor(hf_data, without_settings(hf_kwargs))

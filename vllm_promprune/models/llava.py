@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from transformers import BatchFeature
 
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
@@ -32,9 +31,7 @@ class PromPruneLlavaProcessingInfo(UnprunedMaxTokensMixin, LlavaProcessingInfo):
 
 
 class PromPruneLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
-    def num_images(self, processed_data: BatchFeature) -> int:
-        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
-        return 0 if images is None else len(images)
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(

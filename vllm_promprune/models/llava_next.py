@@ -8,7 +8,6 @@ from `anyres_layout`, and the processor checks it against vLLM's own count.
 from __future__ import annotations
 
 import torch
-from transformers import BatchFeature
 
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
@@ -43,10 +42,6 @@ class PromPruneLlavaNextProcessingInfo(UnprunedMaxTokensMixin, LlavaNextProcessi
 
 
 class PromPruneLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
-    def num_images(self, processed_data: BatchFeature) -> int:
-        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
-        return 0 if images is None else len(images)
-
     def content_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_stock: int) -> int:
         size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
         layout = layout_for(self.info.get_hf_config(), size.height, size.width)
