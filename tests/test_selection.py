@@ -276,3 +276,26 @@ def test_skipping_the_eigendecomposition_never_changes_the_split(mu: float) -> N
     options = PromPruneOptions(mu=mu)
     exact = saliency_budgets(spectral_entropy(features), 32, options)
     assert torch.equal(stage_one_budgets(features, saliency, 32, options), exact)
+
+
+@pytest.mark.parametrize("shape", [(1, 600, 64), (3, 1100, 48), (2, 40, 30), (1500, 20)])
+def test_blocked_gram_equals_one_product_and_is_symmetric(shape: tuple[int, ...]) -> None:
+    from vllm_promprune.methods.common import gram_matrix
+
+    rows = torch.randn(*shape, generator=_generator(30))
+    gram = gram_matrix(rows)
+    assert gram.shape == (*shape[:-1], shape[-2])
+    assert torch.equal(gram, gram.transpose(-1, -2))
+    assert torch.allclose(gram, rows @ rows.transpose(-1, -2), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiny_norm", [None, 1e-7, 0.0])
+def test_dpp_kernel_from_shared_cosine_equals_its_own_product(tiny_norm: float | None) -> None:
+    from vllm_promprune.methods.common import cosine_matrix
+    from vllm_promprune.methods.dpp import dpp_kernel
+
+    features = torch.randn(2, 40, 16, generator=_generator(31))
+    if tiny_norm is not None:  # rows below the DPP's 1e-6 norm clamp, above or at the Gram's 1e-8
+        features[1, 7] = features[1, 7] / features[1, 7].norm() * tiny_norm
+    kernel = dpp_kernel(features, cosine_matrix(features, 1e-8))
+    assert torch.allclose(kernel, cosine_matrix(features, 1e-6), atol=1e-6)

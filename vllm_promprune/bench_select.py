@@ -199,6 +199,15 @@ def per_crop_timings(device: torch.device, repeats: int, tower_ms: float) -> lis
     return timings
 
 
+def spectrum_ms(device: torch.device, repeats: int, tokens: int, width: int) -> float:
+    """Time of PromPrune's exact spectrum alone: eigvalsh of one centred Gram, ms."""
+    from .methods.promprune import centred_gram
+
+    gram = centred_gram(random_batch(1, tokens, width, device).features)
+    with torch.inference_mode():
+        return 1000.0 * median_seconds(lambda: torch.linalg.eigvalsh(gram), repeats, device)
+
+
 def markdown_table(timings: list[Timing]) -> str:
     columns = sorted({(t.tokens, t.width, t.keep, t.batch) for t in timings})
     header = "| method | " + " | ".join(f"N={n} D={d} K={k} B={b}" for n, d, k, b in columns) + " |"
@@ -237,3 +246,10 @@ def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool)
             f"({worst.method}, N={worst.tokens}, B={worst.batch}); "
             f"target <= 5 %: {'met' if worst.percent_of_tower <= 5 else 'NOT met'}"
         )
+        if worst.method == MIXED:
+            floor_ms = spectrum_ms(device, repeats, worst.tokens, worst.width)
+            print(
+                f"  of which the exact spectrum alone (eigvalsh of one {worst.tokens}x{worst.tokens} "
+                f"centred Gram) takes {floor_ms:.0f} ms = "
+                f"{100.0 * floor_ms / worst.tower_ms_per_image:.2f} % of the tower"
+            )

@@ -37,10 +37,38 @@ def unit_rows(features: torch.Tensor, eps: float) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1, eps=eps)
 
 
+# Row-block height of `gram_matrix` on CPU: blocks of at most this many rows
+# keep each product's operands in cache (measured fastest from 288 to 512 rows
+# at D = 3584-4096 on the 2-core CPU).
+_GRAM_BLOCK_ROWS = 512
+
+
+def gram_matrix(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ rows^T [..., N, N] for rows [..., N, D], exactly symmetric.
+
+    On CPU only the upper triangle of row blocks is multiplied and mirrored:
+    about half the FLOPs of one product, and 1.2-1.9x faster on the project's
+    CPU for N = 576-2880. Elsewhere (CUDA) one batched product is faster.
+    """
+    num_rows = rows.shape[-2]
+    blocks = -(-num_rows // _GRAM_BLOCK_ROWS)
+    if rows.device.type != "cpu" or blocks < 2:
+        return rows @ rows.transpose(-1, -2)
+    edges = [round(i * num_rows / blocks) for i in range(blocks + 1)]
+    spans = [slice(edges[i], edges[i + 1]) for i in range(blocks)]
+    gram = rows.new_empty(*rows.shape[:-1], num_rows)
+    for i, row_span in enumerate(spans):
+        for col_span in spans[i:]:
+            block = rows[..., row_span, :] @ rows[..., col_span, :].transpose(-1, -2)
+            gram[..., row_span, col_span] = block
+            if col_span is not row_span:
+                gram[..., col_span, row_span] = block.transpose(-1, -2)
+    return gram
+
+
 def cosine_matrix(features: torch.Tensor, eps: float) -> torch.Tensor:
     """Cosine similarity [B, N, N] of the rows of `features` [B, N, D] (float32, norms clamped at `eps`)."""
-    unit = unit_rows(features, eps)
-    return torch.bmm(unit, unit.transpose(1, 2))
+    return gram_matrix(unit_rows(features, eps))
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

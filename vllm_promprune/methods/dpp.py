@@ -36,11 +36,14 @@ def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> to
     """Cosine kernel L = Y Y^T [B, N, N] of the eps-1e-6 unit rows of features [B, N, D].
 
     `cosine`, the same product for eps-1e-8 unit rows, is rescaled instead of
-    recomputed: the two differ only for rows with norm below 1e-6.
+    recomputed: the two differ only for rows with norm below 1e-6, and without
+    such rows `cosine` itself is returned (it is only read).
     """
     if cosine is None:
         return cosine_matrix(features, _FEATURE_EPS)
     norms = features.float().norm(dim=-1)
+    if not bool((norms < _FEATURE_EPS).any()):  # one host sync per batch
+        return cosine
     scale = norms.clamp_min(1e-8) / norms.clamp_min(_FEATURE_EPS)  # [B, N], 1 unless tiny
     return cosine * scale[:, :, None] * scale[:, None, :]
 

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import cosine_matrix, descending_stable, unit_rows
+from .common import cosine_matrix, descending_stable, gram_matrix, unit_rows
 from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
@@ -75,10 +75,13 @@ def centred_gram(features: torch.Tensor, cosine: torch.Tensor | None = None) -> 
     num_tokens, width = features.shape[-2:]
     if num_tokens <= width and cosine is not None:
         row_means = cosine.mean(dim=-1, keepdim=True)
-        return cosine - row_means - row_means.transpose(-1, -2) + row_means.mean(dim=-2, keepdim=True)
+        gram = cosine - row_means  # in place from here: the N x N passes dominate at large N
+        gram -= row_means.transpose(-1, -2)
+        gram += row_means.mean(dim=-2, keepdim=True)
+        return gram
     x = unit_rows(features, _NORM_EPS)
     x = x - x.mean(dim=-2, keepdim=True)
-    return x @ x.transpose(-1, -2) if num_tokens <= width else x.transpose(-1, -2) @ x
+    return gram_matrix(x if num_tokens <= width else x.transpose(-1, -2))
 
 
 def spectral_entropy(features: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,9 +94,13 @@ def spectral_entropy(features: torch.Tensor, gram: torch.Tensor | None = None) -
     num_tokens, width = features.shape[-2:]
     if num_tokens < 2:
         raise ValueError("spectral_entropy needs at least 2 tokens")
-    gram = centred_gram(features) if gram is None else gram
-    eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(_EIGEN_FLOOR)
-    return _normalised_entropy(eigenvalues, min(num_tokens, width))
+    return gram_spectral_entropy(centred_gram(features) if gram is None else gram, min(num_tokens, width))
+
+
+def gram_spectral_entropy(gram: torch.Tensor, support: int) -> torch.Tensor:
+    """Normalised spectral entropy [...] of centred Grams [..., n, n]: entropy of the
+    eigenvalues (clamped at 1e-12) as a distribution / ln(support)."""
+    return _normalised_entropy(torch.linalg.eigvalsh(gram).clamp_min(_EIGEN_FLOOR), support)
 
 
 def spectral_entropy_lower_bound(gram: torch.Tensor, support: int) -> torch.Tensor:
@@ -160,14 +167,16 @@ def stage_one_budgets(
         return saliency_budgets(attention_entropy(saliency), keep, options)
     if options.entropy == "feature_norm":
         return saliency_budgets(feature_norm_entropy(features), keep, options)
-    num_tokens, width = features.shape[-2:]
+    support = min(features.shape[-2:])
     gram = centred_gram(features, cosine)
-    at_bound = saliency_budgets(spectral_entropy_lower_bound(gram, min(num_tokens, width)), keep, options)
+    at_bound = saliency_budgets(spectral_entropy_lower_bound(gram, support), keep, options)
     at_top = saliency_budgets(torch.ones_like(at_bound, dtype=torch.float32), keep, options)
-    budgets = at_bound.clone()
     undecided = (at_bound != at_top).nonzero().flatten()  # one host sync per batch
+    if len(undecided) == len(gram):  # no copy of the Grams
+        return saliency_budgets(gram_spectral_entropy(gram, support), keep, options)
+    budgets = at_bound.clone()
     if len(undecided):
-        exact = spectral_entropy(features[undecided], gram[undecided])
+        exact = gram_spectral_entropy(gram[undecided], support)
         budgets[undecided] = saliency_budgets(exact, keep, options)
     return budgets
 

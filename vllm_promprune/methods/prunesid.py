@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import check_keep, descending_stable, unit_rows
+from .common import check_keep, descending_stable, gram_matrix, unit_rows
 
 _NORM_EPS = 1e-8
 _THRESHOLD_SCALE = 32  # thr = (n / 32) * rho
@@ -261,7 +261,7 @@ def prunesid_select(
     by_attention = descending_stable(saliency)
     rank = torch.empty_like(by_attention).scatter_(0, by_attention, torch.arange(num_tokens, device=device))
     priority = num_tokens - rank  # unique, in [1, N]
-    pick_round = _nms_rounds(group, y @ y.T, priority, threshold, num_groups, max(size_list))
+    pick_round = _nms_rounds(group, gram_matrix(y), priority, threshold, num_groups, max(size_list))
 
     survived = pick_round < num_tokens
     survivor_list = torch.bincount(group[survived], minlength=num_groups).tolist()
