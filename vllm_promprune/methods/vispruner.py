@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import TIE_TOLERANCE, cosine_matrix, descending_stable, gather_rows
+from .common import TIE_TOLERANCE, cosine_matrix, descending_stable
 
 _FEATURE_EPS = 1e-6
 _MAX_DROP_PER_ROUND = 8
@@ -54,8 +54,10 @@ def _remove_duplicates(similarity: torch.Tensor, remaining: torch.Tensor, drop: 
     """
     even = remaining[:, 0::2]
     odd = remaining[:, 1::2]
-    rows = gather_rows(similarity, even)  # [B, E, N]
-    duplication = rows.gather(2, odd[:, None, :].expand(-1, even.shape[1], -1)).amax(dim=2)
+    # One gather of the even x odd block [B, E, O], through flat indices into the N x N matrix.
+    num_tokens = similarity.shape[-1]
+    block = (even[:, :, None] * num_tokens + odd[:, None, :]).flatten(1)
+    duplication = similarity.flatten(1).gather(1, block).view(*even.shape, -1).amax(dim=2)
     # Drop the `drop` most duplicated evens. Ties (scores equal on a 1e-5 grid, so
     # rounding noise cannot reorder near-identical tokens): the earlier slot goes first.
     duplication = torch.round(duplication / TIE_TOLERANCE)
