@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 Result = tuple[list[int], list[int]]
+
+
+@contextmanager
+def serving(llm) -> Iterator[object]:  # noqa: ANN001
+    """Yield an offline engine (`vllm.LLM` or `PromPruneLLM`); shut its engine core down after."""
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def load_reference(model_dir: Path, hf_model_class: type, reference_class: type):  # noqa: ANN201
+    """`reference_class` (vllm_promprune.reference) around the transformers model in
+    `model_dir`, eager attention (the references read attention weights)."""
+    from transformers import AutoProcessor
+
+    model = hf_model_class.from_pretrained(model_dir, attn_implementation="eager")
+    return reference_class(model, AutoProcessor.from_pretrained(model_dir))
 
 
 def greedy_params(max_tokens: int = 8, logprobs: int | None = None):  # noqa: ANN201

@@ -14,7 +14,7 @@ import pytest
 
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, run
+from engine import greedy_params, load_reference, run, serving
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 ENGINE_ARGS = dict(
@@ -55,28 +55,25 @@ REFERENCE_SETTINGS = [
 def stock_llm(tiny_llava: Path) -> Iterator[object]:
     from vllm import LLM
 
-    llm = LLM(str(tiny_llava), **ENGINE_ARGS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(LLM(str(tiny_llava), **ENGINE_ARGS)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def pruned_llm(tiny_llava: Path) -> Iterator[object]:
     from vllm_promprune.offline import PromPruneLLM
 
-    llm = PromPruneLLM(str(tiny_llava), **ENGINE_ARGS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(PromPruneLLM(str(tiny_llava), **ENGINE_ARGS)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava: Path):  # noqa: ANN201
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from vllm_promprune.reference import PrunedLlavaReference
 
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava, attn_implementation="eager")
-    return PrunedLlavaReference(model, AutoProcessor.from_pretrained(tiny_llava))
+    return load_reference(tiny_llava, LlavaForConditionalGeneration, PrunedLlavaReference)
 
 
 def _request(image_seed: int, settings: dict | None = None, prompt: str = PROMPT) -> dict:

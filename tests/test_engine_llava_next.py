@@ -16,7 +16,7 @@ from vllm_promprune.anyres import anyres_layout
 from vllm_promprune.checkpoints import ANYRES_PINPOINTS
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, run
+from engine import greedy_params, load_reference, run, serving
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nCompare the two images. ASSISTANT:"
@@ -64,28 +64,25 @@ def _request(images: list, settings: dict | None = None, prompt: str = PROMPT) -
 def stock_llm(tiny_llava_next: Path) -> Iterator[object]:
     from vllm import LLM
 
-    llm = LLM(str(tiny_llava_next), **ENGINE_ARGS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(LLM(str(tiny_llava_next), **ENGINE_ARGS)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def pruned_llm(tiny_llava_next: Path) -> Iterator[object]:
     from vllm_promprune.offline import PromPruneLLM
 
-    llm = PromPruneLLM(str(tiny_llava_next), **ENGINE_ARGS)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(PromPruneLLM(str(tiny_llava_next), **ENGINE_ARGS)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava_next: Path):  # noqa: ANN201
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     from vllm_promprune.reference import PrunedLlavaNextReference
 
-    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_llava_next, attn_implementation="eager")
-    return PrunedLlavaNextReference(model, AutoProcessor.from_pretrained(tiny_llava_next))
+    return load_reference(tiny_llava_next, LlavaNextForConditionalGeneration, PrunedLlavaNextReference)
 
 
 def _expected(reference, images: list, settings: dict | None, prompt: str = PROMPT):  # noqa: ANN001, ANN202

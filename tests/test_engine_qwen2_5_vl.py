@@ -17,7 +17,7 @@ import torch
 
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, run, start_recording_positions, take_recorded_positions
+from engine import greedy_params, load_reference, run, serving, start_recording_positions, take_recorded_positions
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT = f"<|im_start|>user\n{IMAGE}What is shown in the image?<|im_end|>\n<|im_start|>assistant\n"
@@ -85,28 +85,25 @@ def _engine(cls, model: Path, **overrides):  # noqa: ANN001, ANN003, ANN202
 def stock_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
     from vllm import LLM
 
-    llm = _engine(LLM, tiny_qwen2_5_vl)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(_engine(LLM, tiny_qwen2_5_vl)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def pruned_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
     from vllm_promprune.offline import PromPruneLLM
 
-    llm = _engine(PromPruneLLM, tiny_qwen2_5_vl)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(_engine(PromPruneLLM, tiny_qwen2_5_vl)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_qwen2_5_vl: Path):  # noqa: ANN201
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vllm_promprune.reference import PrunedQwen2_5_VLReference
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen2_5_vl, attn_implementation="eager")
-    return PrunedQwen2_5_VLReference(model, AutoProcessor.from_pretrained(tiny_qwen2_5_vl))
+    return load_reference(tiny_qwen2_5_vl, Qwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VLReference)
 
 
 def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN001, ANN202
@@ -245,9 +242,8 @@ def evs_llm(tiny_qwen2_5_vl: Path, pruned_llm) -> Iterator[object]:  # noqa: ANN
     """
     from vllm_promprune.offline import PromPruneLLM
 
-    llm = _engine(PromPruneLLM, tiny_qwen2_5_vl, video_pruning_rate=0.25)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    with serving(_engine(PromPruneLLM, tiny_qwen2_5_vl, video_pruning_rate=0.25)) as llm:
+        yield llm
 
 
 def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:  # noqa: ANN001

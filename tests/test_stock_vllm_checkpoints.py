@@ -12,6 +12,8 @@ import pytest
 
 from vllm_promprune.synthetic import scene_image
 
+from engine import serving
+
 CASES = {
     "llava-next": ("USER: <image>\nhi ASSISTANT:", [(672, 672), (1008, 336), (336, 1008)]),
     "qwen2.5-vl": (
@@ -31,9 +33,9 @@ def test_stock_vllm_expands_prompts_like_transformers(family: str, tmp_path: Pat
     out = BUILDERS[family](tmp_path / family, size="tiny", seed=0)
     prompt, sizes = CASES[family]
     processor = AutoProcessor.from_pretrained(out)
-    llm = LLM(str(out), enforce_eager=True, dtype="float32", max_model_len=4096, seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0})
-    try:
+    engine = LLM(str(out), enforce_eager=True, dtype="float32", max_model_len=4096, seed=0,
+                 limit_mm_per_prompt={"image": 1, "video": 0})
+    with serving(engine) as llm:
         for width, height in sizes:
             image = scene_image(0, width, height)
             expected = processor(images=[image], text=prompt, return_tensors="pt")["input_ids"][0].tolist()
@@ -43,5 +45,3 @@ def test_stock_vllm_expands_prompts_like_transformers(family: str, tmp_path: Pat
             )[0]
             assert list(output.prompt_token_ids) == expected, (width, height)
             assert len(output.outputs[0].token_ids) == 2
-    finally:
-        llm.llm_engine.engine_core.shutdown()
