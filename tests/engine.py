@@ -39,6 +39,17 @@ def run(llm, requests: list[dict], **sampling) -> list[Result]:  # noqa: ANN001
     return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
 
 
+def assert_bit_identical(stock_llm, pruned_llm, stock_requests: list[dict], pruned_requests: list[dict]) -> None:  # noqa: ANN001
+    """Greedy runs of the two engines give the same prompt ids, tokens and top-3 logprob floats."""
+    stock = stock_llm.generate(stock_requests, greedy_params(logprobs=3), use_tqdm=False)
+    pruned = pruned_llm.generate(pruned_requests, greedy_params(logprobs=3), use_tqdm=False)
+    assert len(stock) == len(pruned) == len(stock_requests)
+    for s, p in zip(stock, pruned):
+        assert p.prompt_token_ids == s.prompt_token_ids
+        assert p.outputs[0].token_ids == s.outputs[0].token_ids
+        assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
+
+
 def start_recording_positions(model) -> None:  # noqa: ANN001
     """Record the positions every LM forward pass receives (run through `LLM.apply_model`).
 

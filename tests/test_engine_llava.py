@@ -14,7 +14,7 @@ import pytest
 
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, load_reference, run, serving
+from engine import assert_bit_identical, greedy_params, load_reference, run, serving
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 ENGINE_ARGS = dict(
@@ -85,14 +85,9 @@ def _request(image_seed: int, settings: dict | None = None, prompt: str = PROMPT
 
 @pytest.mark.parametrize("settings", [None, {}, {"keep": NUM_TOKENS}, {"keep": 100_000}, {"keep": None, "mu": 0.3}])
 def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, settings: dict | None) -> None:  # noqa: ANN001
-    requests = [_request(seed, settings) for seed in (0, 1)]
-    stock_requests = [_request(seed) for seed in (0, 1)]
-    stock = stock_llm.generate(stock_requests, greedy_params(logprobs=3), use_tqdm=False)
-    pruned = pruned_llm.generate(requests, greedy_params(logprobs=3), use_tqdm=False)
-    for s, p in zip(stock, pruned):
-        assert p.prompt_token_ids == s.prompt_token_ids
-        assert p.outputs[0].token_ids == s.outputs[0].token_ids
-        assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
+    assert_bit_identical(
+        stock_llm, pruned_llm, [_request(seed) for seed in (0, 1)], [_request(seed, settings) for seed in (0, 1)]
+    )
 
 
 def test_text_only_prompt_is_unchanged(stock_llm, pruned_llm) -> None:  # noqa: ANN001

@@ -16,7 +16,7 @@ from vllm_promprune.anyres import anyres_layout
 from vllm_promprune.checkpoints import ANYRES_PINPOINTS
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, load_reference, run, serving
+from engine import assert_bit_identical, greedy_params, load_reference, run, serving
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nCompare the two images. ASSISTANT:"
@@ -95,16 +95,10 @@ def _expected(reference, images: list, settings: dict | None, prompt: str = PROM
 )
 def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, seed: int, settings: dict | None) -> None:  # noqa: ANN001
     # A fresh image per case: a prefix-cache hit on one side only would change float rounding.
-    stock = stock_llm.generate(
-        [_request([_image(s, seed)]) for s in SIZES], greedy_params(logprobs=3), use_tqdm=False
+    assert_bit_identical(
+        stock_llm, pruned_llm,
+        [_request([_image(s, seed)]) for s in SIZES], [_request([_image(s, seed)], settings) for s in SIZES],
     )
-    pruned = pruned_llm.generate(
-        [_request([_image(s, seed)], settings) for s in SIZES], greedy_params(logprobs=3), use_tqdm=False
-    )
-    for s, p in zip(stock, pruned):
-        assert p.prompt_token_ids == s.prompt_token_ids
-        assert p.outputs[0].token_ids == s.outputs[0].token_ids
-        assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))

@@ -17,7 +17,15 @@ import torch
 
 from vllm_promprune.synthetic import scene_image
 
-from engine import greedy_params, load_reference, run, serving, start_recording_positions, take_recorded_positions
+from engine import (
+    assert_bit_identical,
+    greedy_params,
+    load_reference,
+    run,
+    serving,
+    start_recording_positions,
+    take_recorded_positions,
+)
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT = f"<|im_start|>user\n{IMAGE}What is shown in the image?<|im_end|>\n<|im_start|>assistant\n"
@@ -124,14 +132,10 @@ def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN0
 
 @pytest.mark.parametrize(("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000})])
 def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, seed: int, settings: dict | None) -> None:  # noqa: ANN001
-    stock = stock_llm.generate([_request([_image(s, seed)]) for s in SIZES], greedy_params(logprobs=3), use_tqdm=False)
-    pruned = pruned_llm.generate(
-        [_request([_image(s, seed)], settings) for s in SIZES], greedy_params(logprobs=3), use_tqdm=False
+    assert_bit_identical(
+        stock_llm, pruned_llm,
+        [_request([_image(s, seed)]) for s in SIZES], [_request([_image(s, seed)], settings) for s in SIZES],
     )
-    for s, p in zip(stock, pruned):
-        assert p.prompt_token_ids == s.prompt_token_ids
-        assert p.outputs[0].token_ids == s.outputs[0].token_ids
-        assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
