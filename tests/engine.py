@@ -27,6 +27,14 @@ def load_reference(model_dir: Path, hf_model_class: type, reference_class: type)
     return reference_class(model, AutoProcessor.from_pretrained(model_dir))
 
 
+def image_request(prompt: str, images: list, settings: dict | None = None) -> dict:
+    """An offline request with one image (or several) and optional `promprune` settings."""
+    request: dict = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+    if settings is not None:
+        request["mm_processor_kwargs"] = {"promprune": settings}
+    return request
+
+
 def greedy_params(max_tokens: int = 8, logprobs: int | None = None):  # noqa: ANN201
     from vllm import SamplingParams
 

@@ -16,7 +16,7 @@ from vllm_promprune.anyres import anyres_layout
 from vllm_promprune.checkpoints import ANYRES_PINPOINTS
 from vllm_promprune.synthetic import scene_image
 
-from engine import assert_bit_identical, greedy_params, load_reference, run, serving
+from engine import assert_bit_identical, greedy_params, image_request, load_reference, run, serving
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nCompare the two images. ASSISTANT:"
@@ -54,10 +54,7 @@ def _image(size: str, seed: int = REFERENCE_SEED):  # noqa: ANN202
 
 
 def _request(images: list, settings: dict | None = None, prompt: str = PROMPT) -> dict:
-    request: dict = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
-    if settings is not None:
-        request["mm_processor_kwargs"] = {"promprune": settings}
-    return request
+    return image_request(prompt, images, settings)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from vllm_promprune.synthetic import scene_image
 from engine import (
     assert_bit_identical,
     greedy_params,
+    image_request,
     load_reference,
     run,
     serving,
@@ -59,10 +60,7 @@ def _image(size: str, seed: int = REFERENCE_SEED):  # noqa: ANN202
 
 
 def _request(images: list, settings: dict | None = None, prompt: str = PROMPT) -> dict:
-    request: dict = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
-    if settings is not None:
-        request["mm_processor_kwargs"] = {"promprune": settings}
-    return request
+    return image_request(prompt, images, settings)
 
 
 def _video(num_frames: int = 4, seed: int = 0) -> tuple:
