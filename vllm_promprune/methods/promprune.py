@@ -172,12 +172,10 @@ def stage_one_budgets(
     at_bound = saliency_budgets(spectral_entropy_lower_bound(gram, support), keep, options)
     at_top = saliency_budgets(torch.ones_like(at_bound, dtype=torch.float32), keep, options)
     undecided = (at_bound != at_top).nonzero().flatten()  # one host sync per batch
-    if len(undecided) == len(gram):  # no copy of the Grams
-        return saliency_budgets(gram_spectral_entropy(gram, support), keep, options)
     budgets = at_bound.clone()
     if len(undecided):
-        exact = gram_spectral_entropy(gram[undecided], support)
-        budgets[undecided] = saliency_budgets(exact, keep, options)
+        grams = gram if len(undecided) == len(gram) else gram[undecided]  # no copy when all need it
+        budgets[undecided] = saliency_budgets(gram_spectral_entropy(grams, support), keep, options)
     return budgets
 
 
