@@ -33,7 +33,8 @@ def naive_visionzip(
     ranked = sorted(range(n), key=lambda i: (-float(saliency[i]), i))
     dominant = [0] + sorted(i + 1 for i in ranked[: k_dom - 1])
     remaining = sorted(i + 1 for i in ranked[k_dom - 1 :])
-    targets = [remaining[(i * len(remaining)) // k_ctx] for i in range(k_ctx)]
+    step = max(1, len(remaining) // k_ctx) if k_ctx else 1
+    targets = [remaining[i * step] for i in range(k_ctx)]
     members: dict[int, list[int]] = {t: [] for t in targets}
     unit = torch.nn.functional.normalize(keys.double(), dim=-1)
     for row in remaining:
@@ -51,7 +52,7 @@ def naive_visionzip(
 def crafted_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """N = 12 patches, k = 4 with ratio 0.5: CLS + patch 0 dominant, 2 contextual.
 
-    Remaining rows 2..12 (R = 11); targets at list slots floor(i * 11 / 2) = 0, 5,
+    Remaining rows 2..12 (R = 11); targets at list slots i * (11 // 2) = 0, 5,
     i.e. rows 2 and 7. Keys: rows 3, 4, 11 point like row 2 (e1); the others
     like row 7 (e2).
     """
@@ -109,15 +110,20 @@ def test_saliency_ties_go_to_lowest_index() -> None:
     assert plan.dominant.tolist() == [[0, 2, 3, 4, 7]]
 
 
-def test_targets_are_evenly_strided_over_remaining() -> None:
+def test_targets_follow_the_reference_stride() -> None:
     tokens, keys, saliency = crafted_case()
     plan = _plan(keys, saliency, 4, HALF)
     assert plan.dominant.tolist() == [[0, 1]]
     assert plan.targets.tolist() == [[2, 7]]
     assert plan.merged.tolist() == [[3, 4, 5, 6, 8, 9, 10, 11, 12]]
-    # Stride formula floor(i * R / K_ctx) on a less trivial split: R = 11, K_ctx = 4.
+    # R = 11 is not a multiple of K_ctx = 4: step = 11 // 4 = 2, slots 0, 2, 4, 6 of the
+    # remaining rows 2..12 (floor(i * 11 / 4) would give slots 0, 2, 5, 8: rows 2, 4, 7, 10).
     plan = _plan(keys, saliency, 6, VisionZipOptions(dominant_ratio=1 / 3))  # K_dom = 2
-    assert plan.targets.tolist() == [[2, 4, 7, 10]]  # slots 0, 2, 5, 8
+    assert plan.targets.tolist() == [[2, 4, 6, 8]]
+    assert plan.merged.tolist() == [[3, 5, 7, 9, 10, 11, 12]]
+    # K_ctx > R / 2: step 1, the first K_ctx remaining rows.
+    plan = _plan(keys, saliency, 10, VisionZipOptions(dominant_ratio=0.2))  # K_dom = 2, K_ctx = 8
+    assert plan.targets.tolist() == [[2, 3, 4, 5, 6, 7, 8, 9]]
 
 
 def test_merged_token_is_target_plus_mean_of_assigned() -> None:

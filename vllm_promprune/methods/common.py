@@ -76,22 +76,6 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index[:, :, None].expand(-1, -1, values.shape[2]))
 
 
-# Greedy scores that are equal in exact arithmetic (unit kernel diagonals,
-# near-identical tokens in flat image regions) differ by float rounding; scores
-# within this tolerance of the best count as ties and go to the lowest index, so
-# every device and framework picks the same token. Shared by all methods.
-TIE_TOLERANCE = 1e-5
-
-
-def first_near_max(scores: torch.Tensor, tolerance: torch.Tensor | float = TIE_TOLERANCE) -> torch.Tensor:
-    """Per row of `scores` [B, N], the lowest index whose score is within `tolerance`
-    of the row maximum: ties at float precision go to the lowest index whatever the
-    rounding of the device. -inf entries are never chosen unless all are -inf.
-    """
-    near = scores >= scores.amax(dim=1, keepdim=True) - tolerance
-    return near.to(torch.int8).argmax(dim=1)  # first True, no host sync
-
-
 def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
     """Return picked indices [K] (int64) in the requested order."""
     if order == "spatial":

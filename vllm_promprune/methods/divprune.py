@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, first_near_max
+from .common import cosine_matrix
 from .fps import check_batch, max_min_picks
 
 _FEATURE_EPS = 1e-6
@@ -23,8 +23,8 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
         k: tokens to pick per image, 0 <= k <= N.
 
     Returns:
-        [B, k] int64 indices in pick order, distinct within each image; ties go
-        to the lowest index. A single-token image picks index 0.
+        [B, k] int64 indices in pick order, distinct within each image; exactly
+        equal distances go to the lowest index (`torch.argmax`). A single-token image picks index 0.
     """
     check_batch(features, k)
     batch, num_tokens, _ = features.shape
@@ -34,7 +34,7 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     similarity = cosine_matrix(features, _FEATURE_EPS)
     distance = 1.0 - similarity
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    first = first_near_max(distance.amin(dim=2))
+    first = distance.amin(dim=2).argmax(dim=1)
     del distance
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

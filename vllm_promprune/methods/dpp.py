@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, first_near_max, gather_rows
+from .common import cosine_matrix, gather_rows
 
 _FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
@@ -26,10 +26,10 @@ def least_covered(kernel: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         kernel: [B, N, N] cosine kernel. selected: [B, N] bool, at least one True per image.
 
     Returns:
-        [B] int64 indices (values within 1e-5 tie; ties -> lowest index).
+        [B] int64 indices; exactly equal coverages go to the lowest index (`torch.argmin`).
     """
     coverage = kernel.masked_fill(~selected[:, None, :], float("-inf")).amax(dim=2)
-    return first_near_max(-coverage.masked_fill(selected, float("inf")))
+    return coverage.masked_fill(selected, float("inf")).argmin(dim=1)
 
 
 def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,6 +48,17 @@ def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> to
     return cosine * scale[:, :, None] * scale[:, None, :]
 
 
+def structural_first_pick(features: torch.Tensor) -> torch.Tensor:
+    """The DPP's first pick when nothing is selected yet, per image: [B] int64.
+
+    The first pick is the argmax of the kernel diagonal, ||y_i||^2 for the eps-1e-6
+    unit rows y_i: exactly 1 for every token whose norm is at least 1e-6 (a
+    structural tie: the lowest such index, whatever float rounding says), and
+    (norm / 1e-6)^2 < 1 below that. Ranking min(norm, 1e-6) gives exactly this.
+    """
+    return features.float().norm(dim=-1).clamp_max(_FEATURE_EPS).argmax(dim=1)
+
+
 def dpp_greedy_map(
     features: torch.Tensor,
     k: int,
@@ -62,25 +73,28 @@ def dpp_greedy_map(
         selected: optional [B, N] bool, tokens already chosen by an earlier stage.
             They are never returned. Where an image has any, its first pick is the
             token whose maximum cosine similarity to them is smallest (the
-            least-covered token); otherwise it is the argmax of the kernel diagonal,
-            where values within 1e-5 of the maximum tie (all are 1 but for
-            rounding) and ties go to the lowest index.
+            least-covered token); otherwise it is `structural_first_pick`: the
+            lowest index among tokens whose kernel diagonal is 1 in exact
+            arithmetic (every token but near-zero ones), whatever rounding says.
 
     Returns:
         [B, k] int64 indices in pick order, distinct within each image.
 
     Exactly `k` tokens are always returned (no early stop): residual gains are
-    clamped at 0, the pivot is sqrt(max(d^2, 1e-8)), ties (gains within 1e-5)
-    go to the lowest index, and picked tokens are masked so they can never be
-    chosen again.
+    clamped at 0, the pivot is sqrt(max(d^2, 1e-8)), each step takes the
+    `torch.argmax` of the gains (exactly equal floats: the lowest index), and
+    picked tokens are masked so they can never be chosen again.
     Greedy picks do not depend on k, so a caller needing k_b <= k tokens for
     image b may take the first k_b columns.
     """
-    return dpp_from_kernel(dpp_kernel(features), k, selected=selected)
+    return dpp_from_kernel(dpp_kernel(features), structural_first_pick(features), k, selected=selected)
 
 
-def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | None = None) -> torch.Tensor:
-    """`dpp_greedy_map` on a precomputed cosine kernel [B, N, N]."""
+def dpp_from_kernel(
+    kernel: torch.Tensor, first: torch.Tensor, k: int, *, selected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`dpp_greedy_map` on a precomputed cosine kernel [B, N, N]; `first` [B] is the
+    `structural_first_pick` of the features, used for images with nothing selected."""
     batch, num_tokens, _ = kernel.shape
     device = kernel.device
     picked = torch.zeros(batch, k, dtype=torch.long, device=device)
@@ -91,7 +105,7 @@ def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | No
     if selected is not None:
         taken |= selected
 
-    current = first_near_max(gains)  # the diagonal: all 1 up to rounding
+    current = first
     if selected is not None and bool(selected.any()):
         has_selection = selected.any(dim=1)
         current = torch.where(has_selection, least_covered(kernel, selected | ~has_selection[:, None]), current)
@@ -111,5 +125,5 @@ def dpp_from_kernel(kernel: torch.Tensor, k: int, *, selected: torch.Tensor | No
         new_row = (kernel_row - projection) / pivot
         cholesky_rows[:, step] = new_row
         gains = (gains - new_row * new_row).clamp_min(0.0)
-        current = first_near_max(gains.masked_fill(taken, float("-inf")))
+        current = gains.masked_fill(taken, float("-inf")).argmax(dim=1)
     return picked

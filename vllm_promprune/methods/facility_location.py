@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import TIE_TOLERANCE, cosine_matrix, first_near_max
+from .common import cosine_matrix
 from .fps import check_batch
 
 _FEATURE_EPS = 1e-6
@@ -32,8 +32,8 @@ def facility_location(
             at its max similarity to them (possibly negative).
 
     Returns:
-        [B, k] int64 indices in pick order, distinct within each image. Ties go
-        to the lowest index; gains within 1e-5 (relative to the best) are ties. Picks do not depend on k, so a caller needing
+        [B, k] int64 indices in pick order, distinct within each image. Exactly
+        equal gains go to the lowest index (`torch.argmax`). Picks do not depend on k, so a caller needing
         k_b <= k tokens for image b may take the first k_b columns; columns past
         an image's number of unselected tokens are unspecified.
 
@@ -59,10 +59,7 @@ def facility_location(
         # gains[b, j] = sum_i max(0, sim(j, i) - cover[b, i]) (sim is symmetric): a sum
         # along contiguous rows, faster than down the columns.
         gains = torch.sub(similarity, cover[:, None, :], out=scratch).clamp_min_(0.0).sum(dim=2)
-        gains.masked_fill_(taken, float("-inf"))
-        best = gains.amax(dim=1, keepdim=True)
-        # Gains are sums over N tokens, so the tie tolerance is relative to the best.
-        current = first_near_max(gains, TIE_TOLERANCE * best.abs().clamp_min(1.0))
+        current = gains.masked_fill_(taken, float("-inf")).argmax(dim=1)
         picked[:, step] = current
         index = current[:, None]
         taken.scatter_(1, index, True)

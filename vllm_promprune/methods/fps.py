@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, first_near_max, gather_rows
+from .common import cosine_matrix, gather_rows
 
 _FEATURE_EPS = 1e-6
 
@@ -63,7 +63,7 @@ def max_min_picks(
         taken.scatter_(1, index, True)
         row = gather_rows(similarity, index).squeeze(1)  # [B, N]
         min_distance = torch.minimum(min_distance, 1.0 - row)
-        current = first_near_max(min_distance.masked_fill(taken, float("-inf")))
+        current = min_distance.masked_fill(taken, float("-inf")).argmax(dim=1)
     return picked
 
 
@@ -85,8 +85,8 @@ def farthest_point_sampling(
             them is largest. An image without selected tokens starts at index 0.
 
     Returns:
-        [B, k] int64 indices in pick order, distinct within each image. Ties go
-        to the lowest index. Picks do not depend on k, so a caller needing
+        [B, k] int64 indices in pick order, distinct within each image. Exactly
+        equal distances go to the lowest index (`torch.argmax`). Picks do not depend on k, so a caller needing
         k_b <= k tokens for image b may take the first k_b columns; columns past
         an image's number of unselected tokens are unspecified.
     """
@@ -103,6 +103,6 @@ def farthest_point_sampling(
         excluded = selected
         distance = 1.0 - similarity.masked_fill(~selected[:, None, :], -float("inf"))  # inf off the set
         min_distance = distance.amin(dim=2)
-        farthest = first_near_max(min_distance.masked_fill(selected, float("-inf")))
+        farthest = min_distance.masked_fill(selected, float("-inf")).argmax(dim=1)
         first = torch.where(selected.any(dim=1), farthest, first)
     return max_min_picks(similarity, first, min_distance, excluded, k)

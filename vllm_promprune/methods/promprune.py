@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .common import cosine_matrix, descending_stable, gram_matrix, unit_rows
-from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel
+from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel, structural_first_pick
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
 
@@ -212,7 +212,9 @@ def promprune_select(
     # Greedy coverage picks do not depend on how many are taken: run the largest
     # stage 2 once for the whole batch and keep each image's first k_cov picks.
     if options.coverage == "dpp":
-        coverage = dpp_from_kernel(dpp_kernel(features, cosine), int(k_cov.max()), selected=salient)
+        coverage = dpp_from_kernel(
+            dpp_kernel(features, cosine), structural_first_pick(features), int(k_cov.max()), selected=salient
+        )
     else:
         coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
     step = torch.arange(keep, device=features.device)[None, :]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -164,10 +163,13 @@ def _quotas(group_sizes: Sequence[int], survivors: Sequence[int], n: int) -> lis
     Lower bound min(1, c_k); upper bound min(5 * ceil(n / 64), c_k, s_k), raised
     by 1 for all groups (capped at c_k) while the bounds sum to less than n. The
     n - 1 - sum(lower) spare tokens are split by s_k / sum(s) with cumulative
-    rounding (Python `round` on exact fractions: half to even), the lower bound
-    added and the upper bound applied; then groups in descending s_k (ties: lower
-    group index) are filled up to their upper bound, each in turn, until the
-    total is n - 1.
+    rounding computed as the reference computes it: `torch.round` of the float32
+    running sum `torch.cumsum(s_k / sum(s))` times the spare count, then
+    differences; the lower bound is added and the upper bound applied. Then groups
+    are filled up to their upper bound, each in turn, in the order
+    `torch.argsort(s, descending=True)` gives for the int64 counts (among equal
+    counts that is torch's order, not ascending group index), until the total is
+    n - 1.
 
     Why the total is exactly n - 1: before capping the quotas sum to n - 1, and
     capping only lowers them, so only a deficit is possible. The raising loop
@@ -196,17 +198,14 @@ def _quotas(group_sizes: Sequence[int], survivors: Sequence[int], n: int) -> lis
         upper = raised
 
     spare = target - sum(lower)
-    total_survivors = sum(survivors)
-    quotas = []
-    running, previous = 0, 0
-    for low, high, s in zip(lower, upper, survivors):
-        running += s
-        cumulative = round(Fraction(spare * running, total_survivors)) if total_survivors else 0
-        quotas.append(min(low + cumulative - previous, high))
-        previous = cumulative
+    counts = torch.tensor(list(survivors), dtype=torch.long)
+    shares = counts.float() / max(sum(survivors), 1)
+    cumulative = torch.round(torch.cumsum(shares, dim=0) * spare).long().tolist()
+    spread = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]])]
+    quotas = [min(low + extra, high) for low, extra, high in zip(lower, spread, upper)]
 
     deficit = target - sum(quotas)
-    for k in sorted(range(len(quotas)), key=lambda k: (-survivors[k], k)):
+    for k in torch.argsort(counts, descending=True).tolist():
         if deficit == 0:
             break
         extra = min(upper[k] - quotas[k], deficit)

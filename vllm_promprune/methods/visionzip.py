@@ -3,10 +3,10 @@
 Specification: methods.md ("Baselines"). Unlike the selection methods it builds
 new pre-projector token vectors, which the model then projects:
 1. Dominant: CLS + the K_dom - 1 patches with the highest CLS attention.
-2. Contextual: K_ctx = K - K_dom evenly strided targets among the remaining
-   patches; every other remaining patch is merged into the target whose
-   head-mean attention key is most similar (cosine), giving
-   `target + mean(assigned)`.
+2. Contextual: K_ctx = K - K_dom targets among the R remaining patches, at the
+   reference's stride max(1, R // K_ctx); every other remaining patch is merged
+   into the target whose head-mean attention key is most similar (cosine),
+   giving `target + mean(assigned)`.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ def _plan(keys: torch.Tensor, saliency: torch.Tensor, k: int, options: VisionZip
 
     Dominant patches: stable descending sort of `saliency` (ties -> lowest index).
     The R = N - (K_dom - 1) remaining patches, in ascending position, supply the
-    targets at list positions floor(i * R / K_ctx), i = 0..K_ctx-1 (the same
-    stride as the `uniform` control). Each other remaining patch joins the target
-    with the largest key cosine similarity (ties -> lowest target).
+    targets at list positions i * max(1, R // K_ctx), i = 0..K_ctx-1: the
+    reference's stride (integer division first, so the targets do not spread to
+    the end of the list unless K_ctx divides R). Each other remaining patch joins
+    the target with the largest key cosine similarity (ties -> lowest target).
     """
     batch, num_patches = saliency.shape
     device = saliency.device
@@ -76,7 +77,7 @@ def _plan(keys: torch.Tensor, saliency: torch.Tensor, k: int, options: VisionZip
     remaining = torch.sort(by_saliency[:, k_dom - 1 :], dim=1).values  # [B, R]
 
     num_remaining = num_patches - (k_dom - 1)
-    target_slots = torch.arange(k_ctx, device=device) * num_remaining // max(k_ctx, 1)
+    target_slots = torch.arange(k_ctx, device=device) * max(1, num_remaining // max(k_ctx, 1))
     is_target = torch.zeros(num_remaining, dtype=torch.int8, device=device)
     is_target[target_slots] = 1
     # Non-target slots in ascending order without a boolean mask (a host sync on GPU).

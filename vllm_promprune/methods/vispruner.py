@@ -1,10 +1,14 @@
 """VisPruner: important tokens by CLS attention, the rest by iterative duplicate removal.
 
-1. K_imp = int(K * important_ratio) tokens with the highest CLS attention (head mean).
-2. The other N - K_imp tokens, in ascending position, shrink to K_div = K - K_imp:
-   each round splits them into even and odd slots of the current order, scores
-   every even token by its max cosine to the odd set (L2-normalised pre-projector
-   features) and drops the min(8, R - K_div) highest-scoring even tokens.
+1. All tokens in descending CLS attention (head mean); the first
+   K_imp = int(K * important_ratio) are kept.
+2. The other N - K_imp tokens, kept IN THAT SALIENCY ORDER (a list, not a set),
+   shrink to K_div = K - K_imp: each round splits the current list into even and
+   odd slots, scores every even token by its max cosine to the odd tokens
+   (L2-normalised pre-projector features), drops the min(8, R - K_div) highest
+   scores and makes the next list [surviving evens in descending score, then the
+   odd tokens in their order]. Which tokens meet as pairs depends on that order,
+   so it is part of the method (methods.md, VisPruner).
 The number of tokens left after every round depends only on N and K, so the
 loop runs on the host schedule without reading tensor values.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import TIE_TOLERANCE, cosine_matrix, descending_stable
+from .common import cosine_matrix, descending_stable
 
 _FEATURE_EPS = 1e-6
 _MAX_DROP_PER_ROUND = 8
@@ -46,23 +50,22 @@ def drop_schedule(remaining: int, target: int) -> list[int]:
     return rounds
 
 
-def _remove_duplicates(similarity: torch.Tensor, remaining: torch.Tensor, drop: int) -> torch.Tensor:
-    """One round: `remaining` [B, R] ascending positions (R >= 2) -> [B, R - drop] ascending.
+def _remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, drop: int) -> torch.Tensor:
+    """One round: the residual list [B, R] (R >= 2, token indices in list order) -> [B, R - drop].
 
     `similarity` [B, N, N] is the cosine matrix of all tokens, computed once: a
     round gathers its even x odd block instead of multiplying features again.
+    Evens are ranked by a stable descending sort of their exact scores (equal
+    scores: the earlier slot ranks first, i.e. is dropped first).
     """
-    even = remaining[:, 0::2]
-    odd = remaining[:, 1::2]
+    even = residual[:, 0::2]
+    odd = residual[:, 1::2]
     # One gather of the even x odd block [B, E, O], through flat indices into the N x N matrix.
     num_tokens = similarity.shape[-1]
     block = (even[:, :, None] * num_tokens + odd[:, None, :]).flatten(1)
     duplication = similarity.flatten(1).gather(1, block).view(*even.shape, -1).amax(dim=2)
-    # Drop the `drop` most duplicated evens. Ties (scores equal on a 1e-5 grid, so
-    # rounding noise cannot reorder near-identical tokens): the earlier slot goes first.
-    duplication = torch.round(duplication / TIE_TOLERANCE)
-    survivors = torch.sort(descending_stable(duplication)[:, drop:], dim=1).values
-    return torch.sort(torch.cat([even.gather(1, survivors), odd], dim=1), dim=1).values
+    survivors = descending_stable(duplication)[:, drop:]  # descending-score order
+    return torch.cat([even.gather(1, survivors), odd], dim=1)
 
 
 def vispruner(
@@ -81,8 +84,8 @@ def vispruner(
 
     Returns:
         [B, k] int64 distinct indices: the K_imp important tokens by descending
-        saliency (ties -> lowest index), then the K_div diverse ones by ascending
-        position. K_imp uses Python's int(k * ratio), as the reference does.
+        saliency (ties -> lowest index), then the K_div diverse ones in their final
+        list order. K_imp uses Python's int(k * ratio), as the reference does.
     """
     if pre_features.dim() != 3:
         raise ValueError(f"pre_features must have shape [B, N, Dv], got {tuple(pre_features.shape)}")
@@ -97,8 +100,8 @@ def vispruner(
     important = by_saliency[:, :k_important]
     if k_diverse == 0:
         return important
-    remaining = torch.sort(by_saliency[:, k_important:], dim=1).values
+    residual = by_saliency[:, k_important:]  # saliency order, not positions
     similarity = cosine_matrix(pre_features, _FEATURE_EPS)
     for drop in drop_schedule(num_tokens - k_important, k_diverse):
-        remaining = _remove_duplicates(similarity, remaining, drop)
-    return torch.cat([important, remaining], dim=1)
+        residual = _remove_duplicates(similarity, residual, drop)
+    return torch.cat([important, residual], dim=1)
