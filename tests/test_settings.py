@@ -97,3 +97,12 @@ def test_select_images_cuts_lists_to_the_missing_images() -> None:
 
     raw = {"keep": [8, 16, 32], "method": "fps", "ratio": None}
     assert select_images(raw, [0, 2]) == {"keep": [8, 32], "method": "fps", "ratio": None}
+
+
+def test_request_budget_replaces_the_default_budget_of_either_kind() -> None:
+    assert parse_settings({"ratio": 0.25}, {"keep": 64}).keep is None
+    assert parse_settings({"ratio": 0.25}, {"keep": 64}).ratio == 0.25
+    assert parse_settings({"keep": 8}, {"ratio": 0.5, "mu": 0.3}).ratio is None
+    assert parse_settings({"keep": 8}, {"ratio": 0.5, "mu": 0.3}).options["mu"] == 0.3
+    with pytest.raises(ValueError, match="either keep or ratio"):
+        parse_settings({"keep": 8, "ratio": 0.5})

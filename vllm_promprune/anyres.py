@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from .pruning import TowerOutput, prune_images
+from .pruning import SelectionFailureHandler, TowerOutput, prune_images
 from .settings import PruneSettings
 
 
@@ -123,12 +123,13 @@ def prune_anyres(
     settings: PruneSettings,
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
+    on_failure: SelectionFailureHandler | None = None,
 ) -> torch.Tensor:
     """The pruned image's LLM embeddings [K, D] from its V tower views.
 
     `tower` holds the image's views: hidden [V, side^2 + 1, Dv] (CLS first),
     saliency [V, side^2], keys [V, side^2 + 1, Dk]. Call only when
-    `settings.prunes(layout.num_content)`.
+    `settings.prunes(layout.num_content)`. The callbacks are `prune_images`'.
     """
     keep = settings.kept_tokens(layout.num_content)
     patches = tower.hidden[:, 1:].flatten(0, 1)
@@ -154,6 +155,7 @@ def prune_anyres(
             keys=torch.stack([torch.cat([tower.keys[parts[m][0], :1], keys[parts[m][1]]]) for m in members]),
         )
         part_settings = settings.model_copy(update={"keep": share, "ratio": None})
-        for member, member_rows in zip(members, prune_images(batch, [part_settings] * len(members), project, on_selection)):
+        pruned = prune_images(batch, [part_settings] * len(members), project, on_selection, on_failure)
+        for member, member_rows in zip(members, pruned):
             rows[member] = member_rows
     return torch.cat([part_rows for part_rows in rows if part_rows is not None])

@@ -32,6 +32,12 @@ SELECTION_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+SELECTION_FAILURES = Counter(
+    "vllm:promprune_selection_failures",
+    "Selections that raised inside the engine and fell back to evenly strided tokens, by selection method.",
+    labelnames=["method"],
+)
+
 
 def record_image(settings: PruneSettings, num_content: int, num_stock: int) -> None:
     """Count one image's visual tokens before (stock placeholders) and after pruning."""
@@ -42,3 +48,7 @@ def record_image(settings: PruneSettings, num_content: int, num_stock: int) -> N
 
 def record_selection(method: str, seconds: float) -> None:
     SELECTION_SECONDS.labels(method=method).observe(seconds)
+
+
+def record_selection_failure(method: str) -> None:
+    SELECTION_FAILURES.labels(method=method).inc()

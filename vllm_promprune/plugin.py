@@ -9,11 +9,15 @@ architecture not supported") rather than silently serving unpruned outputs.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 SUPPORTED_VLLM = "0.32."
+METHODS_ENV = "VLLM_PROMPRUNE_METHODS"
+"""Comma-separated modules imported at registration, in every vLLM process, to add methods."""
 
 PRUNED_ARCHITECTURES: Mapping[str, str] = {
     "LlavaForConditionalGeneration": "PromPruneLlavaForConditionalGeneration",
@@ -48,10 +52,21 @@ def register() -> None:
     from .patches import trust_pruning_kwargs
 
     trust_pruning_kwargs.apply()
+    import_method_modules(os.environ.get(METHODS_ENV, ""))
     supported = set(ModelRegistry.get_supported_archs())
     for name, target in _MODEL_CLASSES.items():
         if name not in supported:
             ModelRegistry.register_model(name, target)
+
+
+def import_method_modules(names: str) -> None:
+    """Import each module of the comma-separated `names`; each registers its methods
+    with `vllm_promprune.methods.register_method` when imported."""
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise RuntimeError(f"{METHODS_ENV}: cannot import method module {name!r}: {error}") from error
 
 
 def hf_overrides(stock_architecture: str, default_settings: Mapping[str, object] | None = None) -> dict[str, object]:

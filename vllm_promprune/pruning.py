@@ -16,7 +16,11 @@ from typing import NamedTuple
 import torch
 
 from .methods import METHODS, TokenBatch, reduce_tokens
+from .methods.controls import uniform
 from .settings import PruneSettings
+
+SelectionFailureHandler = Callable[[PruneSettings, int, BaseException], None]
+"""`on_failure(settings, num_images, error)`: told when a group's selection raised."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,10 @@ def prune_images(
     settings: Sequence[PruneSettings],
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
+    on_failure: SelectionFailureHandler | None = None,
 ) -> list[torch.Tensor]:
     """Image embeddings for the LLM, one [K_b, D] tensor per image (see `prune_images_indexed`)."""
-    return [image.rows for image in prune_images_indexed(tower, settings, project, on_selection)]
+    return [image.rows for image in prune_images_indexed(tower, settings, project, on_selection, on_failure)]
 
 
 def prune_images_indexed(
@@ -59,12 +64,20 @@ def prune_images_indexed(
     settings: Sequence[PruneSettings],
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
+    on_failure: SelectionFailureHandler | None = None,
 ) -> list[PrunedImage]:
     """Image embeddings for the LLM, with the patch index of every row.
 
     `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
     Unpruned images get all N projected patch tokens. `on_selection(method,
     seconds)` is told the host wall time of each batched selection.
+
+    Without `on_failure`, an exception in a selection propagates (library and
+    reference use). With it (the engine), a group of images whose selection
+    raises gets the last-resort fallback instead: K evenly strided patch tokens
+    (the `uniform` control), so every image still returns exactly its K rows and
+    the other groups are untouched; `on_failure` is told the settings, the
+    number of images and the error.
     """
     patches = tower.hidden[:, 1:]
     projected = project(patches)  # [B, N, D]
@@ -89,13 +102,15 @@ def prune_images_indexed(
             cls_pre_feature=tower.hidden[index, 0],
             keys=None if tower.keys is None else tower.keys[index],
         )
-        result = reduce_tokens(
-            group_settings.method,
-            batch,
-            group_settings.kept_tokens(num_tokens),
-            group_settings.options_model(),
-            group_settings.order,
-        )
+        keep = group_settings.kept_tokens(num_tokens)
+        try:
+            result = reduce_tokens(group_settings.method, batch, keep, group_settings.options_model(), group_settings.order)
+        except Exception as error:  # noqa: BLE001 - the engine must survive any selection bug
+            if on_failure is None:
+                raise
+            on_failure(group_settings, len(members), error)
+            spec = METHODS["uniform"]
+            result = uniform(num_tokens, keep, patches.device).expand(len(members), -1)
         kept: torch.Tensor | list[None] = [None] * len(members)
         if spec.merges:
             chosen = project(result)

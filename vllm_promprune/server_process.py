@@ -7,17 +7,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import requests
 
 
 class ServerProcess:
-    """A pruning-enabled OpenAI server on 127.0.0.1, stopped by PID on exit."""
+    """A pruning-enabled OpenAI server on 127.0.0.1, stopped by PID on exit.
 
-    def __init__(self, model: str, serve_args: list[str], port: int, log_path: Path) -> None:
+    `env` adds to (or overrides) this process's environment for the server.
+    """
+
+    def __init__(
+        self, model: str, serve_args: list[str], port: int, log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.model = model
         self.serve_args = serve_args
+        self.env = None if env is None else {**os.environ, **env}
         self.port = port
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
@@ -33,7 +40,7 @@ class ServerProcess:
         log = self.log_path.open("wb")
         started = time.monotonic()
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
         while time.monotonic() - started < timeout:
             if self.process.poll() is not None:

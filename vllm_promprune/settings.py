@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .methods import METHODS, ORDERS, Order, check_method, parse_options
 from .methods.common import describe_validation_error
@@ -56,6 +65,24 @@ class PruneSettings(BaseModel):
         if self.keep is not None and self.ratio is not None:
             raise ValueError("set either keep or ratio, not both")
         return self
+
+    @field_validator("order")
+    @classmethod
+    def _order_of_merging_methods(cls, order: Order, info: ValidationInfo) -> Order:
+        method = info.data.get("method")
+        if method in METHODS and METHODS[method].merges and order != "spatial":
+            raise ValueError(f"method {method!r} merges tokens, so its output order is fixed: use 'spatial'")
+        return order
+
+    def check_inputs(self, available: frozenset[str], tower_name: str) -> None:
+        """Raise ValueError if the method needs inputs (`TokenBatch` fields) the tower lacks."""
+        missing = set(METHODS[self.method].needs) - available
+        if self.has_budget and missing:
+            usable = sorted(name for name, spec in METHODS.items() if set(spec.needs) <= available)
+            raise ValueError(
+                f"{SETTINGS_KEY}.method {self.method!r} needs {sorted(missing)}, which "
+                f"{tower_name} does not provide; use one of {usable}"
+            )
 
     def kept_tokens(self, num_tokens: int) -> int:
         """Number of visual tokens an image of `num_tokens` keeps (= placeholders).
@@ -101,6 +128,7 @@ def parse_settings(
 ) -> PruneSettings:
     """Validate request settings merged over the server default, key by key.
 
+    A request's `keep` or `ratio` replaces the default's budget (of either kind).
     If the request names a different method than the default, only the default's
     `keep`, `ratio`, `order` and `budget_mode` carry over (its method options do not).
 
@@ -112,6 +140,9 @@ def parse_settings(
         if value is not None and not isinstance(value, Mapping):
             raise ValueError(f"{name} settings must be an object, got {type(value).__name__}")
     default, raw = dict(default or {}), dict(raw or {})
+    if any(key in raw for key in PER_IMAGE_KEYS):
+        # A request's budget, keep or ratio, replaces the default's budget of either kind.
+        default = {key: value for key, value in default.items() if key not in PER_IMAGE_KEYS}
     if "method" in raw and raw["method"] != default.get("method", "promprune"):
         # A request that switches method keeps the default budget and order, not
         # options that belong to the default's method.

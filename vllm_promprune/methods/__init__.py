@@ -93,7 +93,7 @@ def _same_for_every_image(positions: torch.Tensor, batch: TokenBatch) -> torch.T
 _PROJECTED = ("features",)
 _SALIENCY = ("saliency",)
 
-METHODS: Mapping[str, MethodSpec] = {
+METHODS: dict[str, MethodSpec] = {
     "promprune": MethodSpec(PromPruneOptions, _promprune, ("features", "saliency")),
     "prunesid": MethodSpec(
         PruneSIDOptions, _prunesid, ("saliency", "pre_features", "cls_pre_feature"), with_cls=True
@@ -118,6 +118,21 @@ METHODS: Mapping[str, MethodSpec] = {
     "saliency": MethodSpec(NoOptions, lambda b, k, o: top_saliency(b.saliency, k), _SALIENCY),
     "coverage": MethodSpec(NoOptions, lambda b, k, o: dpp_greedy_map(b.features, k), _PROJECTED),
 }
+
+def register_method(name: str, spec: MethodSpec) -> None:
+    """Add a selection method under `name` (a built-in name cannot be replaced).
+
+    For the engine, register it in a module named by `VLLM_PROMPRUNE_METHODS`, which
+    the plugin imports in every vLLM process (see the README, "Custom methods").
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name must be an identifier, got {name!r}")
+    if name in METHODS and METHODS[name] is not spec:
+        raise ValueError(f"method {name!r} is already registered")
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"spec must be a MethodSpec, got {type(spec).__name__}")
+    METHODS[name] = spec
+
 
 ENGINE_UNAVAILABLE: Mapping[str, str] = {
     "prunesid_dyn": (
@@ -275,6 +290,7 @@ __all__ = [
     "parse_options",
     "prunesid_dynamic_budgets",
     "reduce_tokens",
+    "register_method",
     "saliency_budget",
     "select_tokens",
     "spectral_entropy",

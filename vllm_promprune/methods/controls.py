@@ -7,6 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .common import descending_stable
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
 
 class RandomOptions(BaseModel):
     """Options of the `random` control."""
@@ -14,8 +16,9 @@ class RandomOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: StrictInt = Field(
-        0, ge=0,
-        description="Seed of a local CPU generator; a seed keeps the same positions for every image.",
+        0, ge=0, le=MAX_SEED,
+        description=f"an integer in [0, {MAX_SEED}] (2**63 - 1), the seed of a local CPU generator; "
+        "a seed keeps the same positions for every image",
     )
 
 

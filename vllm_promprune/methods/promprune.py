@@ -30,6 +30,7 @@ _NORM_EPS = 1e-8
 _EIGEN_FLOOR = 1e-12
 _LOGIT_CLAMP = 20.0
 _BOUND_MARGIN = 1e-4
+_MIN_TAU = 1e-6
 
 COVERAGE_STAGES = {"dpp": dpp_greedy_map, "fps": farthest_point_sampling, "fl": facility_location}
 
@@ -43,7 +44,11 @@ class PromPruneOptions(BaseModel):
         CLIP_MU, ge=0.0, le=1.0,
         description="Entropy midpoint of the sigmoid split (0.42 CLIP, 0.5744 Qwen2.5-VL).",
     )
-    tau: float = Field(0.02, gt=0.0, description="Temperature of the sigmoid split.")
+    tau: float = Field(
+        0.02, ge=_MIN_TAU,
+        description=f"Temperature of the sigmoid split, at least {_MIN_TAU} "
+        "(smaller values underflow in float32 and make the split undefined).",
+    )
     kr_min: float = Field(0.0, ge=0.0, le=1.0, description="Lowest saliency share.")
     kr_max: float = Field(1.0, ge=0.0, le=1.0, description="Highest saliency share.")
     fixed_share: float | None = Field(
