@@ -30,6 +30,10 @@ import torch
 QWEN_OPTION_DEFAULTS = {"mu": 0.5744}
 """Method-option defaults for Qwen2.5-VL (PromPrune's entropy threshold for its tower, methods.md)."""
 
+QWEN_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features"})
+"""The `TokenBatch` inputs Qwen's tower provides: no CLS token, no saliency-layer keys."""
+QWEN_TOWER_NAME = "Qwen2.5-VL's vision tower (no CLS token, no saliency-layer keys)"
+
 OFFSET_COLUMNS = 6
 """Extra embedding columns: (t, h, w) offsets, each as (value // 256, value % 256)."""
 _BASE = 256  # integers below 256 are exact in bfloat16

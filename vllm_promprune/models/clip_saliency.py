@@ -8,12 +8,39 @@ layer's input: layer_norm1 -> fused qkv projection -> one query per head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.clip import CLIPVisionModel
 
 from ..pruning import TowerOutput
+
+
+def check_clip_llava_config(config: Any, family: str) -> None:  # noqa: ANN401 (a LLaVA-like HF config)
+    """Refuse, at model init, a LLaVA-like checkpoint this module cannot read saliency from.
+
+    Raises ValueError naming every unsupported setting: a vision tower other than
+    CLIP (SigLIP and Pixtral have no CLS token), `vision_feature_select_strategy`
+    other than "default" (with "full" the CLS row would be an LLM token), or a
+    list of feature layers (no single layer to read attention from).
+    """
+    problems = []
+    vision_type = getattr(config.vision_config, "model_type", type(config.vision_config).__name__)
+    if vision_type != "clip_vision_model":
+        problems.append(
+            f"vision tower {vision_type!r}: only CLIP towers are supported (saliency is the CLS "
+            "token's attention; SigLIP and Pixtral towers have no CLS token)"
+        )
+    strategy = config.vision_feature_select_strategy
+    if strategy != "default":
+        problems.append(f"vision_feature_select_strategy {strategy!r}: only 'default' is supported")
+    layer = config.vision_feature_layer
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        problems.append(f"vision_feature_layer {layer!r}: only a single integer layer is supported")
+    if problems:
+        raise ValueError(f"vllm-promprune cannot prune this {family} checkpoint: " + "; ".join(problems))
 
 
 def clip_tower_output(tower: CLIPVisionModel, pixel_values: torch.Tensor) -> TowerOutput:
@@ -49,10 +76,3 @@ def clip_tower_output(tower: CLIPVisionModel, pixel_values: torch.Tensor) -> Tow
     saliency = head_sums[:, 1:length]  # CLS column dropped, not renormalised
     mean_keys = head_sums[:, length:].view(batch, length, head_dim)
     return TowerOutput(hidden=last(hidden), saliency=saliency, keys=mean_keys)
-
-
-def clip_tower_output_chunked(tower: CLIPVisionModel, pixel_values: torch.Tensor, chunk: int) -> TowerOutput:
-    """`clip_tower_output` over [B, 3, H, W] in chunks of at most `chunk` images."""
-    return TowerOutput.cat(
-        [clip_tower_output(tower, pixel_values[start : start + chunk]) for start in range(0, len(pixel_values), chunk)]
-    )

@@ -2,21 +2,25 @@
 
 Processor side (`PruningProcessorMixin`): strip the settings before the HF
 processor sees them, attach them to every image as a uint8 field, and shorten
-each image's placeholder run to `PruneSettings.kept_tokens(N)`. Model side
-(functions): decode the field, size the tower's micro-batches to what memory
-profiling covered, and prune with metrics (`pruning.prune_images` asserts that
-each image returns exactly as many rows as it has placeholders).
+each image's placeholder run to `PruneSettings.kept_tokens(N)`. Model side:
+`pruned_image_embeddings` is the one skeleton of every family's image
+embedding (decode the settings, metrics, the stock path when nothing prunes,
+the tower in micro-batches sized to what memory profiling covered, a row count
+check per image); the family feeds it its tower-and-prune step, which prunes
+with `SELECTION_HOOKS` (metrics and the last-resort guard).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from transformers import BatchFeature
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
@@ -24,8 +28,7 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
 from .. import metrics
-from ..methods import METHODS, TokenBatch
-from ..pruning import TowerOutput, prune_images
+from ..methods import TokenBatch
 from ..settings import (
     SETTINGS_KEY,
     PruneSettings,
@@ -36,6 +39,8 @@ from ..settings import (
 
 SETTINGS_FIELD = "promprune_settings"
 """Name of the per-image multimodal kwarg carrying the encoded settings."""
+
+logger = init_logger(__name__)
 
 
 def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -72,13 +77,7 @@ class PruningProcessorMixin:
             hf_processor_mm_kwargs.get(SETTINGS_KEY), num_images, server_default, self.option_defaults
         )
         for image_settings in settings:
-            missing = set(METHODS[image_settings.method].needs) - self.tower_inputs
-            if image_settings.has_budget and missing:
-                usable = sorted(name for name, spec in METHODS.items() if set(spec.needs) <= self.tower_inputs)
-                raise ValueError(
-                    f"{SETTINGS_KEY}.method {image_settings.method!r} needs {sorted(missing)}, which "
-                    f"{self.tower_name} does not provide; use one of {usable}"
-                )
+            image_settings.check_inputs(self.tower_inputs, self.tower_name)
         return settings
 
     def _get_cache_missing_processor_kwargs(
@@ -192,11 +191,78 @@ def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
     return settings
 
 
-def prune_and_record(
-    tower: TowerOutput, settings: Sequence[PruneSettings], project: Callable[[torch.Tensor], torch.Tensor]
+def report_selection_failure(settings: PruneSettings, num_images: int, error: BaseException) -> None:
+    """Last-resort guard's report: one log line (with the traceback the first time a
+    method fails in this process) and the failures counter."""
+    first = settings.method not in _FAILED_METHODS
+    _FAILED_METHODS.add(settings.method)
+    logger.error(
+        "promprune: selection raised for %d image(s) with settings %s; they fall back to "
+        "evenly strided tokens (the other requests are unaffected): %s: %s",
+        num_images, settings.model_dump_json(), type(error).__name__, error, exc_info=error if first else None,
+    )
+    metrics.record_selection_failure(settings.method)
+
+
+_FAILED_METHODS: set[str] = set()
+
+SELECTION_HOOKS: Mapping[str, Any] = {
+    "on_selection": metrics.record_selection,
+    "on_failure": report_selection_failure,
+}
+"""Keyword arguments of `pruning.prune_images*` / `anyres.prune_anyres` inside the engine."""
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What the skeleton needs to know of one image before its tower runs."""
+
+    num_content: int  # selectable tokens N
+    num_stock: int  # placeholders of the unpruned image (N plus layout tokens)
+    tower_cost: int  # units of the family's micro-batch budget (images, views or patches)
+
+
+def micro_batches(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive item ranges costing at most `budget` (at least one item each)."""
+    ranges, start, total = [], 0, 0
+    for item, cost in enumerate(costs):
+        if item > start and total + cost > budget:
+            ranges.append((start, item))
+            start, total = item, 0
+        total += cost
+    ranges.append((start, len(costs)))
+    return ranges
+
+
+EmbedImages = Callable[[int, int, Sequence[PruneSettings]], list[torch.Tensor]]
+"""`embed(start, stop, settings)`: the LLM rows of images start..stop-1 (pruned or not)."""
+
+
+def pruned_image_embeddings(
+    field: Any,
+    geometry: Sequence[ImageGeometry],
+    budget: int,
+    stock: Callable[[], Sequence[torch.Tensor]],
+    embed: EmbedImages,
 ) -> list[torch.Tensor]:
-    """`prune_images` plus the Prometheus counters and selection-time histogram."""
-    num_tokens = tower.saliency.shape[1]
-    for image_settings in settings:
-        metrics.record_image(image_settings, num_tokens, num_tokens)
-    return prune_images(tower, settings, project, on_selection=metrics.record_selection)
+    """Every family's image embeddings, one [rows, D] tensor per image.
+
+    Decodes the settings `field`, counts each image's tokens before and after, and
+    returns `stock()` (vLLM's own path, bit-identical) when no image prunes.
+    Otherwise runs `embed` over micro-batches of at most `budget` tower units and
+    checks that each image returns exactly as many rows as it has placeholders
+    (vLLM would silently use the first rows if there were more).
+    """
+    settings = decode_settings(field, len(geometry))
+    for image_settings, image in zip(settings, geometry):
+        metrics.record_image(image_settings, image.num_content, image.num_stock)
+    if not any(s.prunes(image.num_content) for s, image in zip(settings, geometry)):
+        return list(stock())
+    rows: list[torch.Tensor] = []
+    for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
+        rows.extend(embed(start, stop, settings[start:stop]))
+    for index, (image_rows, image_settings, image) in enumerate(zip(rows, settings, geometry, strict=True)):
+        expected = image_settings.placeholders(image.num_content, image.num_stock)
+        if image_rows.shape[0] != expected:
+            raise AssertionError(f"image {index}: {image_rows.shape[0]} rows for {expected} placeholders")
+    return rows

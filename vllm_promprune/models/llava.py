@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm.config import VllmConfig
@@ -14,15 +16,17 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .. import metrics
-from .clip_saliency import clip_tower_output
+from ..pruning import prune_images
+from ..settings import PruneSettings
+from .clip_saliency import check_clip_llava_config, clip_tower_output
 from .common import (
+    SELECTION_HOOKS,
     SETTINGS_FIELD,
+    ImageGeometry,
     PruningProcessorMixin,
     UnprunedMaxTokensMixin,
-    decode_settings,
     profiled_items_per_batch,
-    prune_and_record,
+    pruned_image_embeddings,
 )
 
 
@@ -43,6 +47,7 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA-1.5 whose image embeddings are the K tokens the settings select."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_clip_llava_config(vllm_config.model_config.hf_config, "LLaVA")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         vision = self.config.vision_config
         self.tokens_per_image = (vision.image_size // vision.patch_size) ** 2
@@ -56,15 +61,12 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if image_input["type"] != "pixel_values":
             return self._process_image_input(image_input)
         pixel_values = image_input["pixel_values"]
-        settings = decode_settings(field, len(pixel_values))
-        if not any(s.prunes(self.tokens_per_image) for s in settings):
-            for image_settings in settings:
-                metrics.record_image(image_settings, self.tokens_per_image, self.tokens_per_image)
-            return self._process_image_input(image_input)  # exactly the stock path
 
-        embeddings: list[torch.Tensor] = []
-        for start in range(0, len(pixel_values), self.encoder_micro_batch):
-            stop = start + self.encoder_micro_batch
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
             tower = clip_tower_output(self.vision_tower, pixel_values[start:stop])
-            embeddings.extend(prune_and_record(tower, settings[start:stop], self.multi_modal_projector))
-        return embeddings
+            return prune_images(tower, settings, self.multi_modal_projector, **SELECTION_HOOKS)
+
+        image = ImageGeometry(self.tokens_per_image, self.tokens_per_image, tower_cost=1)
+        return pruned_image_embeddings(
+            field, [image] * len(pixel_values), self.encoder_micro_batch, lambda: self._process_image_input(image_input), embed
+        )

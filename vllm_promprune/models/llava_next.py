@@ -7,6 +7,8 @@ from `anyres_layout`, and the processor checks it against vLLM's own count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm.config import VllmConfig
@@ -20,15 +22,17 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
-from .. import metrics
 from ..anyres import AnyResLayout, anyres_layout, prune_anyres
-from .clip_saliency import clip_tower_output_chunked
+from ..settings import PruneSettings
+from .clip_saliency import check_clip_llava_config, clip_tower_output
 from .common import (
+    SELECTION_HOOKS,
     SETTINGS_FIELD,
+    ImageGeometry,
     PruningProcessorMixin,
     UnprunedMaxTokensMixin,
-    decode_settings,
     profiled_items_per_batch,
+    pruned_image_embeddings,
 )
 
 
@@ -62,9 +66,8 @@ class PromPruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
     """LLaVA-NeXT whose image embeddings are the K tokens the settings select."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_clip_llava_config(vllm_config.model_config.hf_config, "LLaVA-NeXT")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.select_layers is not None or self.config.vision_feature_select_strategy != "default":
-            raise ValueError("pruned LLaVA-NeXT supports one vision_feature_layer with strategy 'default'")
         largest = max(
             (layout_for(self.config, height, width) for height, width in self.config.image_grid_pinpoints),
             key=lambda layout: layout.num_stock_tokens,
@@ -80,28 +83,26 @@ class PromPruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         if image_input["type"] != "pixel_values":
             return self._process_image_input(image_input)
         pixel_values, image_sizes = image_input["pixel_values"], image_input["image_sizes"]
-        settings = decode_settings(field, len(pixel_values))
         layouts = [layout_for(self.config, *size.tolist()) for size in image_sizes]
-        for image_settings, layout in zip(settings, layouts):
-            metrics.record_image(image_settings, layout.num_content, layout.num_stock_tokens)
-        if not any(s.prunes(layout.num_content) for s, layout in zip(settings, layouts)):
-            return self._process_image_input(image_input)  # exactly the stock path
 
-        views = torch.cat([pixels[: layout.num_views] for pixels, layout in zip(pixel_values, layouts)])
-        tower = clip_tower_output_chunked(self.vision_tower, views, self.views_per_batch)
-        embeddings: list[torch.Tensor] = []
-        start = 0
-        for image_settings, layout, size in zip(settings, layouts, image_sizes):
-            image_tower = tower.rows(start, start + layout.num_views)
-            start += layout.num_views
-            if image_settings.prunes(layout.num_content):
-                rows = prune_anyres(
-                    image_tower, layout, image_settings, self.multi_modal_projector, metrics.record_selection
-                )
-            else:
-                projected = self.multi_modal_projector(image_tower.hidden[:, 1:])
-                rows = self._merge_image_patch_embeddings(size, projected, strategy="spatial_unpad")
-            if rows.shape[0] != image_settings.placeholders(layout.num_content, layout.num_stock_tokens):
-                raise AssertionError(f"pruned LLaVA-NeXT image returned {rows.shape[0]} rows")
-            embeddings.append(rows)
-        return embeddings
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+            views = torch.cat([pixel_values[i][: layouts[i].num_views] for i in range(start, stop)])
+            tower = clip_tower_output(self.vision_tower, views)
+            rows, first_view = [], 0
+            for image, image_settings in zip(range(start, stop), settings):
+                layout = layouts[image]
+                image_tower = tower.rows(first_view, first_view + layout.num_views)
+                first_view += layout.num_views
+                if image_settings.prunes(layout.num_content):
+                    project = self.multi_modal_projector
+                    rows.append(prune_anyres(image_tower, layout, image_settings, project, **SELECTION_HOOKS))
+                else:
+                    projected = self.multi_modal_projector(image_tower.hidden[:, 1:])
+                    size = image_sizes[image]
+                    rows.append(self._merge_image_patch_embeddings(size, projected, strategy="spatial_unpad"))
+            return rows
+
+        geometry = [ImageGeometry(layout.num_content, layout.num_stock_tokens, layout.num_views) for layout in layouts]
+        return pruned_image_embeddings(
+            field, geometry, self.views_per_batch, lambda: self._process_image_input(image_input), embed
+        )

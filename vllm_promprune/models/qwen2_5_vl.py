@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers import BatchFeature
@@ -46,11 +46,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 
-from .. import metrics
 from ..pruning import TowerOutput, prune_images_indexed
 from ..qwen_vision import (
     OFFSET_COLUMNS,
     QWEN_OPTION_DEFAULTS,
+    QWEN_TOWER_INPUTS,
+    QWEN_TOWER_NAME,
     Media,
     decode_offsets,
     encode_offsets,
@@ -59,12 +60,21 @@ from ..qwen_vision import (
     received_attention,
     to_merged_raster,
 )
-from .common import SETTINGS_FIELD, PruningProcessorMixin, decode_settings, profiled_items_per_batch
+from ..settings import PruneSettings
+from .common import (
+    SELECTION_HOOKS,
+    SETTINGS_FIELD,
+    ImageGeometry,
+    PruningProcessorMixin,
+    profiled_items_per_batch,
+    pruned_image_embeddings,
+)
+
 
 class PromPruneQwen2_5_VLMultiModalProcessor(PruningProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     option_defaults = QWEN_OPTION_DEFAULTS
-    tower_inputs: ClassVar[frozenset[str]] = frozenset({"features", "saliency", "pre_features"})
-    tower_name = "Qwen2.5-VL's vision tower (no CLS token, no saliency-layer keys)"
+    tower_inputs = QWEN_TOWER_INPUTS
+    tower_name = QWEN_TOWER_NAME
 
     def num_images(self, processed_data: BatchFeature) -> int:
         grids = processed_data.get("image_grid_thw")
@@ -241,30 +251,32 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         return [_with_offsets(rows[:, :-4], rows[:, -4:-1].round().long()) for rows in evs]
 
     def _image_rows(self, image_input: Any, field: Any) -> list[torch.Tensor]:
+        if image_input["type"] != "pixel_values":  # embeddings given: nothing to prune
+            return [_with_offsets(rows, None) for rows in self._process_image_input(image_input)]
         grid_thw = image_input["image_grid_thw"].tolist()
         merge = self.visual.spatial_merge_size
-        sizes = [(t * h * w) // (merge * merge) for t, h, w in grid_thw]
-        settings = decode_settings(field, len(grid_thw))
-        for image_settings, size in zip(settings, sizes):
-            metrics.record_image(image_settings, size, size)
-        if image_input["type"] != "pixel_values" or not any(s.prunes(n) for s, n in zip(settings, sizes)):
-            return [_with_offsets(rows, None) for rows in self._process_image_input(image_input)]
-
-        rows: list[torch.Tensor] = []
-        project = merger_projection(self.visual)
         patch_counts = [t * h * w for t, h, w in grid_thw]
-        for start, stop in _micro_batches(patch_counts, self.encoder_patch_budget):
+        sizes = [count // (merge * merge) for count in patch_counts]
+        project = merger_projection(self.visual)
+
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
             first_patch = sum(patch_counts[:start])
             pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
             towers, stock = qwen_tower_outputs(self.visual, pixels, grid_thw[start:stop])
-            for image, tower, stock_rows in zip(range(start, stop), towers, stock):
-                if not settings[image].prunes(sizes[image]):
+            rows = []
+            for image, tower, stock_rows, image_settings in zip(range(start, stop), towers, stock, settings):
+                if not image_settings.prunes(sizes[image]):
                     rows.append(_with_offsets(stock_rows, None))
                     continue
-                (pruned,) = prune_images_indexed(tower, [settings[image]], project, metrics.record_selection)
-                width = grid_thw[image][2] // merge
-                rows.append(_with_offsets(pruned.rows, grid_offsets(pruned.kept, width)))
-        return rows
+                (pruned,) = prune_images_indexed(tower, [image_settings], project, **SELECTION_HOOKS)
+                rows.append(_with_offsets(pruned.rows, grid_offsets(pruned.kept, grid_thw[image][2] // merge)))
+            return rows
+
+        def stock() -> list[torch.Tensor]:
+            return [_with_offsets(rows, None) for rows in self._process_image_input(image_input)]
+
+        geometry = [ImageGeometry(size, size, count) for size, count in zip(sizes, patch_counts)]
+        return pruned_image_embeddings(field, geometry, self.encoder_patch_budget, stock, embed)
 
 
 def _with_offsets(rows: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
@@ -274,15 +286,3 @@ def _with_offsets(rows: torch.Tensor, offsets: torch.Tensor | None) -> torch.Ten
     else:
         columns = encode_offsets(offsets.to(rows.device), rows.dtype)
     return torch.cat([rows, columns], dim=1)
-
-
-def _micro_batches(patch_counts: Sequence[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive image ranges of at most `budget` patches (at least one image each)."""
-    ranges, start, total = [], 0, 0
-    for image, count in enumerate(patch_counts):
-        if image > start and total + count > budget:
-            ranges.append((start, image))
-            start, total = image, 0
-        total += count
-    ranges.append((start, len(patch_counts)))
-    return ranges
