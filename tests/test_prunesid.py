@@ -145,7 +145,7 @@ def test_quotas_raise_upper_bounds_when_survivors_are_few() -> None:
     assert _quotas([3, 3], [1, 1], 6) == [3, 2]
 
 
-def test_quotas_top_up_prefers_more_survivors_then_lower_index() -> None:
+def test_quotas_top_up_prefers_more_survivors() -> None:
     # c = [8, 8, 8], s = [1, 3, 3], n = 12: target 11, lower [1, 1, 1], bound 5,
     # upper [1, 3, 3] (sum 7 < 12) -> [2, 4, 4] (10) -> [3, 5, 5] (13, stop).
     # spare 8, sum(s) = 7: running 1, 4, 7 -> 8/7, 32/7, 8 -> 1, 5, 8 -> shares [1, 4, 3]
@@ -156,8 +156,35 @@ def test_quotas_top_up_prefers_more_survivors_then_lower_index() -> None:
     # -> [2, 5, 5] (12, not below n: stop).
     # spare 8, sum(s) = 4: running 2, 3, 4 -> 4, 6, 8 -> shares [4, 2, 2]
     # + lower = [5, 3, 3] -> capped [2, 3, 3] (8); missing 3: group 0 (s=2) is full,
-    # group 1 (s=1, lower index than group 2) fills to 5, group 2 takes the last -> [2, 5, 4].
+    # then groups 1 and 2 (s=1) in torch.argsort(s, descending=True) order, which for
+    # three values is [0, 1, 2]: group 1 fills to 5, group 2 takes the last -> [2, 5, 4].
     assert _quotas([2, 9, 9], [2, 1, 1], 12) == [2, 5, 4]
+
+
+def test_quotas_top_up_visits_tied_groups_in_argsort_order() -> None:
+    # 20 groups (n = 80, q = 20): c = 10 each, s = [20, 3 x 19]. bound 10; upper
+    # [10, 3 x 19] (67 < 80) -> [10, 4 x 19] (86). lower 1 each, spare 59, sum(s) = 77.
+    # Group 0 asks 1 + 15 but is capped at 10; the others get 1 + 2 or 1 + 3 by the running
+    # sum. Deficit 6 -> topped up, one each, to the first six groups below their cap in
+    # the order torch.argsort(s, descending=True) gives: among the 19 equal counts that is
+    # NOT ascending group index (on this torch: 10, 19, 18, ...; the reference's order).
+    counts = [20] + [3] * 19
+    quotas = _quotas([10] * 20, counts, 80)
+    order = torch.argsort(torch.tensor(counts), descending=True).tolist()
+    assert order[1:] != sorted(order[1:])  # the tie order under test is not ascending
+    assert quotas == [10, 4, 3, 3, 4, 3, 3, 3, 4, 3, 4, 4, 3, 4, 4, 4, 4, 4, 4, 4]
+    # Ascending group index would have topped up groups 2, 3, 5, 6, 7, 9 instead.
+    assert sum(quotas) == 79
+
+
+def test_quotas_running_sum_is_float32_like_the_reference() -> None:
+    # c = [20, 20, 20], s = [9, 12, 9], n = 19: target 18, lower [1, 1, 1], spare 15,
+    # upper [5, 5, 5] -> [6, 6, 6] -> [7, 7, 7] (21 >= 19).
+    # float32 running sums x 15: 4.5, 10.500001, 15.0 -> round 4, 11, 15 -> shares [4, 7, 4]
+    # (exact fractions: 4.5, 10.5, 15 -> 4, 10, 15 -> [4, 6, 5], i.e. [5, 7, 6] in the end).
+    # + lower = [5, 8, 5] -> capped [5, 7, 5] (17); top-up in argsort order [1, 0, 2]:
+    # group 1 is full, group 0 takes the missing one -> [6, 7, 5].
+    assert _quotas([20, 20, 20], [9, 12, 9], 19) == [6, 7, 5]
 
 
 def test_quotas_respect_bounds_and_sum_on_random_inputs() -> None:

@@ -15,10 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .methods import METHODS, TokenBatch, reduce_tokens
-from .methods.dpp import dpp_greedy_map
 
 SHAPES = ((576, 4096, 64), (2880, 4096, 320), (1296, 3584, 144))  # (N, D, K)
 BATCHES = (1, 8)
@@ -85,50 +83,37 @@ def random_batch(batch: int, tokens: int, width: int, device: torch.device) -> T
     )
 
 
-def dpp_reference_loop(features: torch.Tensor, k: int, first: int) -> list[int]:
-    """Textbook per-step fast greedy DPP for the speed comparison: the full N x N
-    kernel up front, one image at a time, and a host round trip every step. Same
-    tie rule as the project (gains within 1e-5 of the best -> lowest index)."""
-    y = F.normalize(features.float(), dim=-1, eps=1e-6)
-    kernel = y @ y.T
-    gains = kernel.diagonal().clone()
-    rows = torch.zeros(k, len(y))
-    picked = [first]
-    while len(picked) < k:
-        j, step = picked[-1], len(picked) - 1
-        row = (kernel[j] - rows[:step, j] @ rows[:step]) / gains[j].clamp_min(1e-8).sqrt()
-        rows[step] = row
-        gains = (gains - row * row).clamp_min(0.0)
-        gains[picked] = float("-inf")
-        best = gains.max().item()
-        picked.append(int((gains >= best - 1e-5).nonzero()[0].item()))
-    return picked
+def promprune_speedup(device: torch.device, repeats: int, batch: int, mixed: bool) -> tuple[float, float, float]:
+    """(per-step ms, project ms, speedup) per image for PromPrune at N=576, D=4096, K=64.
 
-
-def dpp_speedup(device: torch.device, repeats: int, batch: int) -> tuple[float, float, float]:
-    """(reference ms, project ms, speedup) per image at N=576, D=4096, K=64; picks asserted equal.
-
-    The reference handles one image at a time; the project's DPP runs the batch
-    at once. Uses rank-48 features plus noise: isotropic Gaussian tokens in 4096
-    dimensions are all nearly orthogonal, so every DPP gain ties at float
-    precision and two correct implementations may legitimately pick differently.
+    The per-step baseline is `stepwise.promprune_stepwise`, the specification
+    transcribed as a plain loop (one image at a time, the spectrum by eigvalsh, a
+    kernel product of its own, a host read per DPP step); the project's
+    `promprune_select` runs the batch at once. Identical picks are asserted first.
+    Features are rank-48 plus noise: isotropic Gaussian tokens in 4096 dimensions are
+    all nearly orthogonal, so late DPP gains would tie far below float precision.
+    `mixed` sets mu to the batch's own entropy (about a half/half split, so the
+    eigendecomposition runs); otherwise mu = 0 (every token by the DPP, split decided
+    without eigenvalues).
     """
+    from .methods.promprune import PromPruneOptions, promprune_select, spectral_entropy
+    from .stepwise import promprune_stepwise
+
     g = torch.Generator().manual_seed(1)
     features = (torch.randn(batch, 576, 48, generator=g) @ torch.randn(48, 4096, generator=g)
                 + 0.1 * torch.randn(batch, 576, 4096, generator=g)).to(device)
-    ours = dpp_greedy_map(features, 64)
-    firsts = [int(first) for first in ours[:, 0]]
-    for image in range(batch):
-        if dpp_reference_loop(features[image].cpu(), 64, firsts[image]) != ours[image].tolist():
-            raise AssertionError("project DPP and reference loop disagree")
+    saliency = torch.rand(batch, 576, generator=g).softmax(dim=1).to(device)
+    mu = float(spectral_entropy(features).mean()) if mixed else 0.0
+    options = PromPruneOptions(mu=mu)
 
-    def reference_all() -> None:
-        for image in range(batch):
-            dpp_reference_loop(features[image], 64, firsts[image])
+    def stepwise_all() -> list[list[int]]:
+        return [promprune_stepwise(features[image].cpu(), saliency[image].cpu(), 64, mu=mu) for image in range(batch)]
 
-    reference_ms = 1000.0 * median_seconds(reference_all, repeats, device) / batch
-    ours_ms = 1000.0 * median_seconds(lambda: dpp_greedy_map(features, 64), repeats, device) / batch
-    return reference_ms, ours_ms, reference_ms / ours_ms
+    if promprune_select(features, saliency, 64, options).tolist() != stepwise_all():
+        raise AssertionError("project PromPrune and the per-step transcription disagree")
+    stepwise_ms = 1000.0 * median_seconds(stepwise_all, repeats, device) / batch
+    ours_ms = 1000.0 * median_seconds(lambda: promprune_select(features, saliency, 64, options), repeats, device) / batch
+    return stepwise_ms, ours_ms, stepwise_ms / ours_ms
 
 
 MIXED = "promprune (mixed split)"
@@ -234,12 +219,14 @@ def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool)
         if "promprune" in chosen and not quick:
             per_crop = per_crop_timings(device, repeats, timings[0].tower_ms_per_image * 576 / timings[0].tokens)
             print("\n".join(f"LLaVA-NeXT {t.method}: {t.ms_per_image:.1f} ms ({t.percent_of_tower:.1f}%)" for t in per_crop))
-        for batch in BATCHES:
-            reference_ms, ours_ms, speedup = dpp_speedup(device, repeats, batch)
-            print(
-                f"DPP (N=576, D=4096, K=64, B={batch}): reference per-step loop {reference_ms:.1f} ms/image, "
-                f"project {ours_ms:.1f} ms/image, speedup {speedup:.2f}x (same picks asserted)"
-            )
+        for mixed in (False, True):
+            for batch in BATCHES:
+                stepwise_ms, ours_ms, speedup = promprune_speedup(device, repeats, batch, mixed)
+                split = "mixed split" if mixed else "all DPP"
+                print(
+                    f"PromPrune (N=576, D=4096, K=64, B={batch}, {split}): per-step loop {stepwise_ms:.1f} ms/image, "
+                    f"project {ours_ms:.1f} ms/image, speedup {speedup:.2f}x (same picks asserted)"
+                )
         worst = max((t for t in timings if t.method in ("promprune", MIXED)), key=lambda t: t.percent_of_tower)
         print(
             f"PromPrune worst case: {worst.percent_of_tower:.2f} % of the tower "
