@@ -93,12 +93,13 @@ def _request(images: list, settings: dict | None = None, prompt: str = PROMPT) -
     return image_request(prompt, images, settings)
 
 
-def _video(num_frames: int = 4, seed: int = 0) -> tuple:
-    """Frames of distinct scenes (224 x 224) with the metadata Qwen's video processor needs."""
+def _video(num_frames: int = 4, seed: int = 0, fps: float = 2.0) -> tuple:
+    """Frames of distinct scenes (224 x 224) with the metadata Qwen's video processor needs
+    (second_per_grid_ts = 2 frames per temporal patch / fps)."""
     import numpy as np
 
     frames = np.stack([np.asarray(scene_image(seed + i, 224, 224)) for i in range(num_frames)])
-    metadata = {"fps": 2.0, "duration": num_frames / 2.0, "total_num_frames": num_frames,
+    metadata = {"fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
                 "frames_indices": list(range(num_frames)), "video_backend": "opencv", "do_sample_frames": False}
     return frames, metadata
 
@@ -352,6 +353,38 @@ def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:  #
     after = int(video.max()) + 1
     assert positions[:, after].tolist() == [start + max((t - 1) * VIDEO_T_STEP, h - 1, w - 1) + 1] * 3  # as unpruned
     assert len(tokens) == 8
+
+
+def test_vllm_video_pruning_of_one_temporal_patch_is_positioned_as_stock(evs_llm, stock_llm) -> None:  # noqa: ANN001
+    # 2 frames = one temporal patch: EVS keeps every token (it always keeps the first
+    # frame), so the video is unpruned and its slots carry stock grid positions already;
+    # adding EVS's grid offsets on top would double them.
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(num_frames=2, seed=40)}}
+    ids, tokens, positions = _solo_with_positions(evs_llm, request)
+    stock_ids, stock_tokens, stock_positions = _solo_with_positions(stock_llm, request)
+    assert ids == stock_ids
+    assert torch.equal(positions, stock_positions)
+    assert tokens == stock_tokens
+
+
+def test_vllm_video_pruning_with_fractional_seconds_per_grid(evs_llm, stock_llm, reference) -> None:  # noqa: ANN001
+    # fps 3: second_per_grid_ts = 2/3, time step 2/3 x 4 tokens/s = 8/3, so the second temporal
+    # patch sits at t = floor(8/3) = 2 in the unpruned model (vLLM's own EVS column casts
+    # 2/3 to 0 first and would put it at t = 0).
+    t, h, w = VIDEO_GRID
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=50, fps=3.0)}}
+    ids, _, positions = _solo_with_positions(evs_llm, request)
+    stock_ids, _, stock_positions = _solo_with_positions(stock_llm, request)
+    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    stock_video = (torch.tensor(stock_ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    assert len(video) == t * h * w * 3 // 4 and len(stock_video) == t * h * w
+    kept = positions[:, video]
+    assert torch.equal(kept[:, : h * w], stock_positions[:, stock_video[: h * w]])  # first frame: all of it
+    later = kept[:, h * w :] - kept[0, 0]
+    assert bool((later[0] == 2).all())
+    assert {tuple(c) for c in kept.T.tolist()} <= {tuple(c) for c in stock_positions[:, stock_video].T.tolist()}
+    after, stock_after = int(video.max()) + 1, int(stock_video.max()) + 1
+    assert torch.equal(positions[:, after:], stock_positions[:, stock_after:])  # text after: as unpruned
 
 
 def test_image_pruning_next_to_vllm_video_pruning(evs_llm, reference) -> None:  # noqa: ANN001

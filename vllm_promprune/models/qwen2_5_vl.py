@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import BatchFeature
@@ -45,6 +45,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
+from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from ..pruning import TowerOutput, prune_images_indexed
 from ..qwen_vision import (
@@ -186,7 +187,7 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         self.encoder_patch_budget = (
             profiled_items_per_batch(vllm_config, max_tokens) * max_tokens * self.visual.spatial_merge_unit
         )
-        self._pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_offsets: _PendingOffsets | None = None
 
     # -- positions --------------------------------------------------------
 
@@ -217,16 +218,25 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         offsets = decode_offsets(torch.cat([rows[:, -OFFSET_COLUMNS:] for rows in multimodal_embeddings]))
         if offsets.any():
-            self._pending_offsets = (is_multimodal.nonzero().squeeze(1), offsets.T.to(is_multimodal.device))
+            slots = is_multimodal.nonzero().squeeze(1)
+            if len(slots) != len(offsets):
+                raise AssertionError(f"{len(slots)} multimodal slots for {len(offsets)} embedding rows")
+            self._pending_offsets = _PendingOffsets(slots, offsets.T.to(is_multimodal.device), input_ids.shape[0])
         stripped = [rows[:, :-OFFSET_COLUMNS] for rows in multimodal_embeddings]
         return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
         if self._pending_offsets is not None:
-            slots, offsets = self._pending_offsets
-            self._pending_offsets = None
+            pending, self._pending_offsets = self._pending_offsets, None
+            # The runner pads a step's tokens for the forward (never truncates them): a
+            # forward shorter than the step whose embeddings set the offsets is another step.
+            if positions.shape[-1] < pending.num_tokens:
+                raise AssertionError(
+                    f"M-RoPE offsets of a {pending.num_tokens}-token step reached a forward of "
+                    f"{positions.shape[-1]} tokens"
+                )
             positions = positions.clone()
-            positions[:, slots] += offsets
+            positions[:, pending.slots] += pending.offsets
         return super().forward(input_ids, positions, *args, **kwargs)
 
     # -- embeddings -------------------------------------------------------
@@ -246,9 +256,24 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         videos = self._process_video_input(video_input)
         if not self.is_multimodal_pruning_enabled:
             return [_with_offsets(rows, None) for rows in videos]
-        # EVS rows end in 4 columns (t, h, w, grid width) of grid offsets.
-        evs = self._postprocess_video_embeds_evs(videos, video_input)
-        return [_with_offsets(rows[:, :-4], rows[:, -4:-1].round().long()) for rows in evs]
+        # vLLM's EVS keeps the rows `compute_retention_mask` selects. Their offsets are
+        # the unpruned video's grid positions, with the same float time factor as
+        # `get_mrope_input_positions` (vLLM's own EVS column casts second_per_grid_ts to
+        # an integer first). A video EVS keeps whole (a single temporal patch) is
+        # positioned like an unpruned one: its slots already carry grid positions.
+        merge = self.visual.spatial_merge_size
+        seconds = video_input.get("second_per_grid_ts")
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        rows_out = []
+        for index, (rows, (t, h, w)) in enumerate(zip(videos, video_input["video_grid_thw"].tolist())):
+            kept = compute_retention_mask(rows, (t, h, w), spatial_merge_size=merge, q=self.video_pruning_rate)
+            if bool(kept.all()):
+                rows_out.append(_with_offsets(rows, None))
+                continue
+            t_factor = (1.0 if seconds is None else float(seconds[index])) * tokens_per_second
+            cells = Media(0, 0, (t, h // merge, w // merge), t_factor).grid_positions()
+            rows_out.append(_with_offsets(rows[kept], cells[:, kept.cpu()].T))
+        return rows_out
 
     def _image_rows(self, image_input: Any, field: Any) -> list[torch.Tensor]:
         if image_input["type"] != "pixel_values":  # embeddings given: nothing to prune
@@ -277,6 +302,14 @@ class PromPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
 
         geometry = [ImageGeometry(size, size, count) for size, count in zip(sizes, patch_counts)]
         return pruned_image_embeddings(field, geometry, self.encoder_patch_budget, stock, embed)
+
+
+class _PendingOffsets(NamedTuple):
+    """M-RoPE offsets from `embed_input_ids`, for the forward of the same step."""
+
+    slots: torch.Tensor  # [M] indices of the step's multimodal tokens
+    offsets: torch.Tensor  # [3, M] (t, h, w) offsets added to their positions
+    num_tokens: int  # tokens of the step that embedded them
 
 
 def _with_offsets(rows: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
