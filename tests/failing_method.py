@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vllm_promprune.methods import MethodSpec, NoOptions, TokenBatch, register_method
 
-FAILING_METHOD = "always_fails"
+FAILING_METHOD = "always_fails"  # tests/test_server_load.py names it too (it must not import this module)
 
 
 def _raise(batch: TokenBatch, keep: int, options: NoOptions) -> None:

@@ -28,7 +28,9 @@ from vllm_promprune.demo import image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
-from failing_method import FAILING_METHOD
+# Registered by tests/failing_method.py inside the server's processes only: importing
+# that module here would add the method to this test process's registry too.
+FAILING_METHOD = "always_fails"
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "cpu-demo.yaml"
 MODEL_NAME = "llava-offline"
