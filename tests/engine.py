@@ -9,6 +9,15 @@ from pathlib import Path
 Result = tuple[list[int], list[int]]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a test server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def serving(llm) -> Iterator[object]:  # noqa: ANN001
     """Yield an offline engine (`vllm.LLM` or `PromPruneLLM`); shut its engine core down after."""

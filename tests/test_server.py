@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,16 +12,12 @@ from vllm_promprune.demo import chat_request, image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
+from engine import free_port
+
 MODEL_NAME = "llava-offline"  # from the preset
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "cpu-demo.yaml"
 NUM_TOKENS = 576
 SERVER_DEFAULT_KEEP = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # No --trust-request-mm-kwargs: pruning keys need no trust.
     args = ["--config", str(PRESET), "--keep", str(SERVER_DEFAULT_KEEP)]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(str(tiny_llava), args, _free_port(), log) as process:
+    with ServerProcess(str(tiny_llava), args, free_port(), log) as process:
         yield process
 
 

@@ -8,7 +8,6 @@ plugin is loaded in each; on these CPUs each rank is bound to one core
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,14 +19,14 @@ from vllm_promprune.demo import chat_request, image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
+from engine import free_port
+
 NUM_TOKENS = 576
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--served-model-name", "tiny",
             "--keep", "16", "--data-parallel-size", "2"]
     log = tmp_path_factory.mktemp("server") / "dp.log"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -14,18 +13,14 @@ from vllm_promprune.demo import image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
+from engine import free_port
+
 # (width, height) of the two images and their unpruned placeholder counts.
 SIZES = [(672, 336), (336, 672)]
 STOCK_TOKENS = {
     "llava-next": [anyres_layout(h, w, ANYRES_PINPOINTS, 336, 14).num_stock_tokens for w, h in SIZES],
     "qwen2.5-vl": [(w // 28) * (h // 28) for w, h in SIZES],  # merged 28 x 28 px cells
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))
@@ -35,7 +30,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", "tiny",
             "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--keep", "24"]
     log = tmp_path_factory.mktemp("server") / f"{family}.log"
-    with ServerProcess(str(model), args, _free_port(), log) as process:
+    with ServerProcess(str(model), args, free_port(), log) as process:
         yield family, process
 
 

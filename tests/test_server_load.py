@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,8 @@ from vllm_promprune.demo import image_data_url
 from vllm_promprune.server_process import ServerProcess
 from vllm_promprune.synthetic import scene_image
 
+from engine import free_port
+
 # Registered by tests/failing_method.py inside the server's processes only: importing
 # that module here would add the method to this test process's registry too.
 FAILING_METHOD = "always_fails"
@@ -38,12 +39,6 @@ NUM_TOKENS = 576
 TOTAL_REQUESTS = 200
 CONCURRENCY = 16
 IMAGES = [image_data_url(scene_image(seed)) for seed in range(3)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     args = ["--config", str(PRESET), "--limit-mm-per-prompt", '{"image": 2}', "--max-num-seqs", "16",
             "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
     log = tmp_path_factory.mktemp("server") / "load.log"
-    with ServerProcess(str(tiny_llava), args, _free_port(), log, env=env) as process:
+    with ServerProcess(str(tiny_llava), args, free_port(), log, env=env) as process:
         yield process
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ from transformers import LlavaConfig
 
 from vllm_promprune.models.clip_saliency import check_clip_llava_config
 from vllm_promprune.server_process import ServerProcess
+
+from engine import free_port
 
 
 @pytest.mark.parametrize(
@@ -39,9 +40,7 @@ def test_server_refuses_to_start_on_an_unsupported_checkpoint(tiny_llava: Path, 
     config = json.loads((model / "config.json").read_text())
     config["vision_feature_select_strategy"] = "full"
     (model / "config.json").write_text(json.dumps(config))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ServerProcess(str(model), ["--enforce-eager", "--dtype", "float32", "--keep", "8"], port, tmp_path / "log")
     with pytest.raises(RuntimeError, match="server exited"):
         server.start(timeout=300)
