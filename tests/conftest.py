@@ -1,4 +1,10 @@
-"""Shared fixtures: offline checkpoints are built once per test session."""
+"""Test layout: each folder under tests/ gets its marker, so any part runs alone.
+
+- `unit`: pure torch and request parsing, no engine (`pytest tests/unit`, under a minute);
+- `audit`: pure torch, slow: every method against its per-step transcription of
+  methods.md on 200+ seeded cases, and property-based search of the settings;
+- `engine`: real vLLM engines and servers on the tiny offline checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,13 @@ from pathlib import Path
 
 import pytest
 
-
-@pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.checkpoints import build_llava
-
-    return build_llava(tmp_path_factory.mktemp("models") / "llava-tiny", size="tiny", seed=0)
+FOLDER_MARKERS = ("unit", "audit", "engine")
 
 
-@pytest.fixture(scope="session")
-def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.checkpoints import build_llava_next
-
-    return build_llava_next(tmp_path_factory.mktemp("models") / "llava-next-tiny", size="tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.checkpoints import build_qwen2_5_vl
-
-    return build_qwen2_5_vl(tmp_path_factory.mktemp("models") / "qwen2.5-vl-tiny", size="tiny", seed=0)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(tests_dir).parts[0]
+        if folder not in FOLDER_MARKERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of tests/{{{','.join(FOLDER_MARKERS)}}}/")
+        item.add_marker(folder)

@@ -105,7 +105,7 @@ def prune_images_indexed(
         keep = group_settings.kept_tokens(num_tokens)
         try:
             result = reduce_tokens(group_settings.method, batch, keep, group_settings.options_model(), group_settings.order)
-        except Exception as error:  # noqa: BLE001 - the engine must survive any selection bug
+        except Exception as error:
             if on_failure is None:
                 raise
             on_failure(group_settings, len(members), error)

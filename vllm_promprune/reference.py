@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .anyres import anyres_layout, prune_anyres
+from .families.anyres import anyres_layout, prune_anyres
+from .families.qwen_vision import QWEN_OPTION_DEFAULTS, merged_tower_outputs, merger_projection, received_attention
 from .pruning import TowerOutput, prune_images, prune_images_indexed
-from .qwen_vision import QWEN_OPTION_DEFAULTS, received_attention, to_merged_raster
 from .settings import PruneSettings, parse_image_settings
 
 
@@ -196,20 +196,9 @@ class PrunedQwen2_5_VLReference:
             grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
-        reverse = torch.argsort(window_index)
         unit = visual.spatial_merge_unit
-        saliency = to_merged_raster(received, reverse, unit).mean(dim=1)
-        pre_features = to_merged_raster(captured["merger"], reverse, unit).flatten(1)
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        return [
-            TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
-            for pre, scores in zip(pre_features.split(sizes), saliency.split(sizes))
-        ]
-
-    def project(self, groups: torch.Tensor) -> torch.Tensor:
-        """[..., 4 * Dv] merger inputs -> [..., D] (transformers' merger)."""
-        merger = self.model.model.visual.merger
-        return merger(groups.reshape(-1, merger.ln_q.weight.shape[0])).view(*groups.shape[:-1], -1)
+        return merged_tower_outputs(received, captured["merger"], torch.argsort(window_index), unit, sizes)
 
     @torch.inference_mode()
     def greedy(
@@ -243,7 +232,7 @@ class PrunedQwen2_5_VLReference:
 
         columns, rows, cursor = [], [], 0
         for start, tower, image_setting in zip(starts, towers, image_settings, strict=True):
-            (pruned,) = prune_images_indexed(tower, [image_setting], self.project)
+            (pruned,) = prune_images_indexed(tower, [image_setting], merger_projection(self.model.model.visual.merger))
             columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
             rows.append(pruned.rows)
             cursor = start + tower.saliency.shape[1]

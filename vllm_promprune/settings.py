@@ -31,7 +31,6 @@ from .methods.common import describe_validation_error
 SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
 
-_RESERVED = ("keep", "ratio", "method", "order", "budget_mode")
 BudgetMode = Literal["global", "per_crop"]
 MAX_KEEP = 2**31 - 1
 
@@ -121,6 +120,10 @@ class PruneSettings(BaseModel):
         return cls.model_validate_json(bytes(data.to(torch.uint8).tolist()))
 
 
+SETTING_NAMES = tuple(name for name in PruneSettings.model_fields if name != "options")
+"""Keys of a settings dict that are settings; every other key is a method option."""
+
+
 def parse_settings(
     raw: Mapping[str, object] | None,
     default: Mapping[str, object] | None = None,
@@ -146,10 +149,10 @@ def parse_settings(
     if "method" in raw and raw["method"] != default.get("method", "promprune"):
         # A request that switches method keeps the default budget and order, not
         # options that belong to the default's method.
-        default = {key: value for key, value in default.items() if key in _RESERVED}
+        default = {key: value for key, value in default.items() if key in SETTING_NAMES}
     merged: dict[str, object] = {**default, **raw}
     method = check_method(merged.get("method", "promprune"), f"{SETTINGS_KEY}.")
-    options = {k: v for k, v in merged.items() if k not in _RESERVED}
+    options = {k: v for k, v in merged.items() if k not in SETTING_NAMES}
     accepted = METHODS[method].options.model_fields
     for name, value in (option_defaults or {}).items():
         if name in accepted:

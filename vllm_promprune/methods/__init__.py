@@ -30,8 +30,8 @@ from .facility_location import facility_location
 from .fps import farthest_point_sampling
 from .promprune import PromPruneOptions, promprune_select, saliency_budget, spectral_entropy
 from .prunesid import PruneSIDOptions, prunesid_dynamic_budgets, prunesid_select
-from .vispruner import VisPrunerOptions, vispruner
 from .visionzip import VisionZipOptions, visionzip_merge
+from .vispruner import VisPrunerOptions, vispruner
 
 
 class NoOptions(BaseModel):

@@ -11,19 +11,45 @@ from pydantic import BaseModel, ValidationError
 Order = Literal["spatial", "selection"]
 ORDERS: tuple[str, ...] = ("spatial", "selection")
 
+# Norm clamps (the eps of F.normalize), as each reference sets them (methods.md).
+COSINE_EPS = 1e-6
+"""Token-to-token cosine: DivPrune, FPS, facility location, VisPruner, the DPP kernel, VisionZip's keys."""
+FINE_EPS = 1e-8
+"""PromPrune's spectrum and cosine matrix, PruneSID's PCA and NMS rows."""
 
-def check_keep(keep: object) -> int:
-    """Return `keep` as an int, or raise ValueError if it is not an integer >= 1."""
-    if isinstance(keep, bool) or not isinstance(keep, int):
+
+def check_keep(keep: object, num_tokens: int | None = None, *, name: str = "keep") -> int:
+    """The one budget check of the methods; returns `keep` as an int.
+
+    Without `num_tokens` (a caller's budget K): an integer >= 1. With it (a step
+    count inside a method, where 0 is an empty selection): an integer in
+    [0, num_tokens]. Raises ValueError naming `name` otherwise.
+    """
+    is_int = isinstance(keep, int) and not isinstance(keep, bool)
+    if num_tokens is not None:
+        if not is_int or not 0 <= keep <= num_tokens:
+            raise ValueError(f"{name} must be an integer in [0, N={num_tokens}], got {keep!r}")
+        return keep
+    if not is_int:
         raise ValueError(
-            f"keep must be an integer >= 1 (number of visual tokens to keep), "
+            f"{name} must be an integer >= 1 (number of visual tokens to keep), "
             f"got {keep!r} of type {type(keep).__name__}"
         )
     if keep < 1:
-        raise ValueError(
-            f"keep must be an integer >= 1 (number of visual tokens to keep), got {keep}"
-        )
+        raise ValueError(f"{name} must be an integer >= 1 (number of visual tokens to keep), got {keep}")
     return keep
+
+
+def check_batch(features: torch.Tensor, k: int, selected: torch.Tensor | None = None) -> None:
+    """Raise ValueError unless features is [B, N, D], 0 <= k <= N and selected is [B, N] bool."""
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
+    check_keep(k, features.shape[1], name="k")
+    if selected is not None and (selected.dtype != torch.bool or selected.shape != features.shape[:2]):
+        raise ValueError(
+            f"selected must be a bool tensor of shape {tuple(features.shape[:2])}, "
+            f"got {selected.dtype} {tuple(selected.shape)}"
+        )
 
 
 def check_order(order: object) -> Order:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .common import descending_stable
+from .common import check_keep, descending_stable
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
@@ -22,14 +22,9 @@ class RandomOptions(BaseModel):
     )
 
 
-def _check_count(num_tokens: int, k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_tokens:
-        raise ValueError(f"k must be an integer in [0, N={num_tokens}], got {k!r}")
-
-
 def uniform(num_tokens: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Evenly strided positions floor(i * N / k), i = 0..k-1: [k] int64, ascending, distinct."""
-    _check_count(num_tokens, k)
+    check_keep(k, num_tokens, name="k")
     return torch.arange(k, device=device) * num_tokens // k
 
 
@@ -42,7 +37,7 @@ def random_tokens(
     so the result depends only on (num_tokens, k, seed): the same seed gives the
     same positions whatever the image and whatever the device.
     """
-    _check_count(num_tokens, k)
+    check_keep(k, num_tokens, name="k")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randperm(num_tokens, generator=generator)[:k].to(device)
 
@@ -54,5 +49,5 @@ def top_saliency(saliency: torch.Tensor, k: int) -> torch.Tensor:
     """
     if saliency.dim() != 2:
         raise ValueError(f"saliency must have shape [B, N], got {tuple(saliency.shape)}")
-    _check_count(saliency.shape[1], k)
+    check_keep(k, saliency.shape[1], name="k")
     return descending_stable(saliency)[:, :k]

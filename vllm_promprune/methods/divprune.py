@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix
-from .fps import check_batch, max_min_picks
-
-_FEATURE_EPS = 1e-6
+from .common import COSINE_EPS, check_batch, cosine_matrix
+from .fps import max_min_picks
 
 
 def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,7 +29,7 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     device = features.device
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
-    similarity = cosine_matrix(features, _FEATURE_EPS)
+    similarity = cosine_matrix(features, COSINE_EPS)
     distance = 1.0 - similarity
     distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     first = distance.amin(dim=2).argmax(dim=1)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, gather_rows
+from .common import COSINE_EPS, FINE_EPS, cosine_matrix, gather_rows
 
-_FEATURE_EPS = 1e-6
 _PIVOT_FLOOR = 1e-8
 
 
@@ -40,11 +39,11 @@ def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> to
     such rows `cosine` itself is returned (it is only read).
     """
     if cosine is None:
-        return cosine_matrix(features, _FEATURE_EPS)
+        return cosine_matrix(features, COSINE_EPS)
     norms = features.float().norm(dim=-1)
-    if not bool((norms < _FEATURE_EPS).any()):  # one host sync per batch
+    if not bool((norms < COSINE_EPS).any()):  # one host sync per batch
         return cosine
-    scale = norms.clamp_min(1e-8) / norms.clamp_min(_FEATURE_EPS)  # [B, N], 1 unless tiny
+    scale = norms.clamp_min(FINE_EPS) / norms.clamp_min(COSINE_EPS)  # [B, N], 1 unless tiny
     return cosine * scale[:, :, None] * scale[:, None, :]
 
 
@@ -56,7 +55,7 @@ def structural_first_pick(features: torch.Tensor) -> torch.Tensor:
     structural tie: the lowest such index, whatever float rounding says), and
     (norm / 1e-6)^2 < 1 below that. Ranking min(norm, 1e-6) gives exactly this.
     """
-    return features.float().norm(dim=-1).clamp_max(_FEATURE_EPS).argmax(dim=1)
+    return features.float().norm(dim=-1).clamp_max(COSINE_EPS).argmax(dim=1)
 
 
 def dpp_greedy_map(

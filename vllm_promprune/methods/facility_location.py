@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix
-from .fps import check_batch
-
-_FEATURE_EPS = 1e-6
+from .common import COSINE_EPS, check_batch, cosine_matrix
 
 
 def facility_location(
@@ -46,7 +43,7 @@ def facility_location(
     picked = torch.zeros(batch, k, dtype=torch.long, device=device)
     if k == 0:
         return picked
-    similarity = cosine_matrix(features, _FEATURE_EPS)  # sim(i, j) = similarity[:, i, j]
+    similarity = cosine_matrix(features, COSINE_EPS)  # sim(i, j) = similarity[:, i, j]
     scratch = torch.empty_like(similarity)
     cover = torch.zeros(batch, num_tokens, device=device)
     taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

@@ -10,24 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cosine_matrix, gather_rows
-
-_FEATURE_EPS = 1e-6
-
-
-def check_batch(features: torch.Tensor, k: int, selected: torch.Tensor | None = None) -> None:
-    """Raise ValueError unless features is [B, N, D], 0 <= k <= N and selected is [B, N] bool."""
-    if features.dim() != 3:
-        raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
-    num_tokens = features.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_tokens:
-        raise ValueError(f"k must be an integer in [0, N={num_tokens}], got {k!r}")
-    if selected is not None:
-        if selected.dtype != torch.bool or selected.shape != features.shape[:2]:
-            raise ValueError(
-                f"selected must be a bool tensor of shape {tuple(features.shape[:2])}, "
-                f"got {selected.dtype} {tuple(selected.shape)}"
-            )
+from .common import COSINE_EPS, check_batch, cosine_matrix, gather_rows
 
 
 def max_min_picks(
@@ -95,7 +78,7 @@ def farthest_point_sampling(
     device = features.device
     if k == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=device)
-    similarity = cosine_matrix(features, _FEATURE_EPS)
+    similarity = cosine_matrix(features, COSINE_EPS)
     first = torch.zeros(batch, dtype=torch.long, device=device)
     min_distance = torch.full((batch, num_tokens), float("inf"), device=device)
     excluded = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)

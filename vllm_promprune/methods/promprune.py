@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import cosine_matrix, descending_stable, gram_matrix, unit_rows
+from .common import FINE_EPS, cosine_matrix, descending_stable, gram_matrix, unit_rows
 from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel, structural_first_pick
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
@@ -26,7 +26,6 @@ from .fps import farthest_point_sampling
 CLIP_MU = 0.42
 QWEN2_5_VL_MU = 0.5744
 
-_NORM_EPS = 1e-8
 _EIGEN_FLOOR = 1e-12
 _LOGIT_CLAMP = 20.0
 _BOUND_MARGIN = 1e-4
@@ -42,7 +41,7 @@ class PromPruneOptions(BaseModel):
 
     mu: float = Field(
         CLIP_MU, ge=0.0, le=1.0,
-        description="Entropy midpoint of the sigmoid split (0.42 CLIP, 0.5744 Qwen2.5-VL).",
+        description=f"Entropy midpoint of the sigmoid split ({CLIP_MU} CLIP, {QWEN2_5_VL_MU} Qwen2.5-VL).",
     )
     tau: float = Field(
         0.02, ge=_MIN_TAU,
@@ -84,7 +83,7 @@ def centred_gram(features: torch.Tensor, cosine: torch.Tensor | None = None) -> 
         gram -= row_means.transpose(-1, -2)
         gram += row_means.mean(dim=-2, keepdim=True)
         return gram
-    x = unit_rows(features, _NORM_EPS)
+    x = unit_rows(features, FINE_EPS)
     x = x - x.mean(dim=-2, keepdim=True)
     return gram_matrix(x if num_tokens <= width else x.transpose(-1, -2))
 
@@ -206,7 +205,7 @@ def promprune_select(
     # One product serves both the spectral Gram and the DPP kernel.
     cosine = None
     if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
-        cosine = cosine_matrix(features, _NORM_EPS)
+        cosine = cosine_matrix(features, FINE_EPS)
     k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
     by_saliency = descending_stable(saliency)  # [B, N]
     rank = torch.empty_like(by_saliency).scatter_(

@@ -21,9 +21,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import check_keep, descending_stable, gram_matrix, unit_rows
+from .common import FINE_EPS, check_keep, descending_stable, gram_matrix, unit_rows
 
-_NORM_EPS = 1e-8
 _THRESHOLD_SCALE = 32  # thr = (n / 32) * rho
 _UPPER_UNIT = 64  # group upper bound 5 * ceil(n / 64)
 _UPPER_PER_UNIT = 5
@@ -60,7 +59,7 @@ def redundancy(patch_features: torch.Tensor) -> torch.Tensor:
     """
     if patch_features.dim() != 2:
         raise ValueError(f"patch_features must have shape [N, D], got {tuple(patch_features.shape)}")
-    return _mean_pair_cosine(unit_rows(patch_features, _NORM_EPS))
+    return _mean_pair_cosine(unit_rows(patch_features, FINE_EPS))
 
 
 def _mean_pair_cosine(y: torch.Tensor) -> torch.Tensor:
@@ -255,7 +254,7 @@ def prunesid_select(
     sizes = torch.bincount(group, minlength=num_groups)
     size_list = sizes.tolist()
 
-    y = unit_rows(patches, _NORM_EPS)
+    y = unit_rows(patches, FINE_EPS)
     threshold = (keep / _THRESHOLD_SCALE) * _mean_pair_cosine(y)
     by_attention = descending_stable(saliency)
     rank = torch.empty_like(by_attention).scatter_(0, by_attention, torch.arange(num_tokens, device=device))

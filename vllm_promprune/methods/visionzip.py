@@ -16,9 +16,7 @@ from typing import NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import check_keep, gather_rows, unit_rows
-
-_KEY_EPS = 1e-6
+from .common import COSINE_EPS, check_keep, gather_rows, unit_rows
 
 
 class VisionZipOptions(BaseModel):
@@ -88,8 +86,8 @@ def _plan(keys: torch.Tensor, saliency: torch.Tensor, k: int, options: VisionZip
         nothing = remaining[:, :0]
         return _Plan(dominant, targets, nothing, nothing)
 
-    merged_keys = unit_rows(gather_rows(keys, merged), _KEY_EPS)
-    target_keys = unit_rows(gather_rows(keys, targets), _KEY_EPS)
+    merged_keys = unit_rows(gather_rows(keys, merged), COSINE_EPS)
+    target_keys = unit_rows(gather_rows(keys, targets), COSINE_EPS)
     similarity = torch.bmm(merged_keys, target_keys.transpose(1, 2))  # [B, R - K_ctx, K_ctx]
     assignment = similarity.argmax(dim=2)  # first maximum -> lowest target
     return _Plan(dominant, targets, merged, assignment)

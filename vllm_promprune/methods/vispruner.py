@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import cosine_matrix, descending_stable
+from .common import COSINE_EPS, check_keep, cosine_matrix, descending_stable
 
-_FEATURE_EPS = 1e-6
 _MAX_DROP_PER_ROUND = 8
 
 
@@ -92,8 +91,7 @@ def vispruner(
     batch, num_tokens, _ = pre_features.shape
     if saliency.shape != (batch, num_tokens):
         raise ValueError(f"saliency must have shape [{batch}, {num_tokens}], got {tuple(saliency.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_tokens:
-        raise ValueError(f"k must be an integer in [0, N={num_tokens}], got {k!r}")
+    check_keep(k, num_tokens, name="k")
     k_important = int(k * options.important_ratio)
     k_diverse = k - k_important
     by_saliency = descending_stable(saliency).to(pre_features.device)
@@ -101,7 +99,7 @@ def vispruner(
     if k_diverse == 0:
         return important
     residual = by_saliency[:, k_important:]  # saliency order, not positions
-    similarity = cosine_matrix(pre_features, _FEATURE_EPS)
+    similarity = cosine_matrix(pre_features, COSINE_EPS)
     for drop in drop_schedule(num_tokens - k_important, k_diverse):
         residual = _remove_duplicates(similarity, residual, drop)
     return torch.cat([important, residual], dim=1)

@@ -1,0 +1,324 @@
+"""Fixtures and helpers of the engine tests (real vLLM on the tiny offline checkpoints).
+
+The offline checkpoints are built once per test session. Test modules import
+the helpers from here (`from .conftest import ...`): `tests` is a package, so
+pytest and the modules share this one module object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+Result = tuple[list[int], list[int]]
+
+CPU_HAS_AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text()
+"""Machines of this kind come with and without AVX-512 (Intel; AMD EPYC seen 2026-12-01
+without). vLLM's CPU kernels round differently on the two, and only the AVX-512 ones were
+measured to give a request the same floats batched as solo and under TP=2 as under TP=1;
+on AVX2 a batched or all-reduced run can move a near-tie (1 of 6 TP selections, 1 answer
+in a ~200-request load). Tests assert those two equalities where they were measured."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a test server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(llm) -> Iterator[object]:
+    """Yield an offline engine (`vllm.LLM` or `PromPruneLLM`); shut its engine core down after."""
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+@contextmanager
+def offline_engine(model_dir: Path, engine_args: dict, *, pruned: bool) -> Iterator[object]:
+    """A `PromPruneLLM` (or stock `vllm.LLM`) on `model_dir` that tests may ship
+    functions to with `apply_model`; its engine core is shut down after."""
+    if pruned:
+        from vllm_promprune.engine.offline import PromPruneLLM as engine_class
+    else:
+        from vllm import LLM as engine_class
+
+    allow_apply_model()
+    with serving(engine_class(str(model_dir), **engine_args)) as llm:
+        yield llm
+
+
+def load_reference(model_dir: Path, hf_model_class: type, reference_class: type):  # noqa: ANN201
+    """`reference_class` (vllm_promprune.reference) around the transformers model in
+    `model_dir`, eager attention (the references read attention weights)."""
+    from transformers import AutoProcessor
+
+    model = hf_model_class.from_pretrained(model_dir, attn_implementation="eager")
+    return reference_class(model, AutoProcessor.from_pretrained(model_dir))
+
+
+def image_request(prompt: str, images: list, settings: dict | None = None) -> dict:
+    """An offline request with one image (or several) and optional `promprune` settings."""
+    request: dict = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+    if settings is not None:
+        request["mm_processor_kwargs"] = {"promprune": settings}
+    return request
+
+
+def greedy_params(max_tokens: int = 8, logprobs: int | None = None):  # noqa: ANN201
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+
+
+def run(llm, requests: list[dict], **sampling: int | None) -> list[Result]:
+    """(prompt token ids, generated token ids) per request, greedy, no early stop."""
+    outputs = llm.generate(requests, greedy_params(**sampling), use_tqdm=False)
+    return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+
+
+def assert_bit_identical(stock_llm, pruned_llm, stock_requests: list[dict], pruned_requests: list[dict]) -> None:
+    """Greedy runs of the two engines give the same prompt ids, tokens and top-3 logprob floats."""
+    stock = stock_llm.generate(stock_requests, greedy_params(logprobs=3), use_tqdm=False)
+    pruned = pruned_llm.generate(pruned_requests, greedy_params(logprobs=3), use_tqdm=False)
+    assert len(stock) == len(pruned) == len(stock_requests)
+    for s, p in zip(stock, pruned):
+        assert p.prompt_token_ids == s.prompt_token_ids
+        assert p.outputs[0].token_ids == s.outputs[0].token_ids
+        assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
+
+
+def start_recording_positions(model) -> None:
+    """Record the positions every LM forward pass receives (run through `LLM.apply_model`).
+
+    Wraps the decoder's `forward` (vLLM's compile decorator bypasses module hooks;
+    the engine runs eager here).
+    """
+    recorded: list = []
+    decoder = model.language_model.model
+    forward = decoder.forward
+
+    def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        recorded.append(kwargs["positions"].detach().cpu().clone())
+        return forward(*args, **kwargs)
+
+    decoder.forward = recording_forward
+    model.recorded_positions = recorded
+
+
+def take_recorded_positions(model):  # noqa: ANN201
+    """All positions recorded since the last call, concatenated over forward passes (None: none)."""
+    import torch
+
+    recorded = list(model.recorded_positions)
+    model.recorded_positions.clear()
+    return torch.cat(recorded, dim=-1) if recorded else None
+
+
+# --------------------------------------------------------------------------- selection margins
+# Engine-vs-reference tests compare two pipelines whose tower outputs differ by float
+# rounding; they pick the same tokens only where the selections' margins exceed it.
+# The helpers below measure that difference on the engine's own requests and check that
+# the cases' selections do not move under noise well above it.
+
+TOWER_FUNCTIONS = ("clip_tower_output", "qwen_tower_outputs")
+"""Module-level functions of the plugin's model modules that run the vision tower for pruning."""
+
+
+def allow_apply_model() -> None:
+    """Let `LLM.apply_model` ship test functions to the worker (set before the engine starts)."""
+    import os
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+
+def start_recording_towers(model) -> None:
+    """Record every `TowerOutput` the pruning path computes (run through `LLM.apply_model`).
+
+    Replaces the tower function in the model's module by a wrapper that returns its
+    result unchanged; `take_recorded_towers` restores it.
+    """
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    name = next(n for n in TOWER_FUNCTIONS if hasattr(module, n))
+    original = getattr(module, name)
+    recorded: list = []
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = original(*args, **kwargs)
+        recorded.extend(result[0] if isinstance(result, tuple) else [result])  # Qwen: (towers, stock)
+        return result
+
+    setattr(module, name, recording)
+    model.tower_recording = (module, name, original, recorded)
+
+
+def take_recorded_towers(model) -> bytes:
+    """The recorded tower outputs as `torch.save` bytes of [(hidden, saliency, keys, projected)],
+    projected by the model's own projector; stops recording."""
+    import io
+
+    import torch
+
+    module, name, original, recorded = model.tower_recording
+    setattr(module, name, original)
+    del model.tower_recording
+    if hasattr(model, "visual"):  # Qwen2.5-VL: the tower's merger
+        from vllm_promprune.families.qwen_vision import merger_projection
+
+        project = merger_projection(model.visual.merger)
+    else:
+        project = model.multi_modal_projector
+    with torch.inference_mode():
+        rows = [(t.hidden, t.saliency, t.keys, project(t.hidden[:, 1:])) for t in recorded]
+    buffer = io.BytesIO()
+    torch.save(rows, buffer)
+    return buffer.getvalue()
+
+
+def engine_tower_outputs(llm, requests: list[dict]) -> list[tuple]:
+    """(hidden, saliency, keys, projected) the engine computes for each request's one image.
+
+    Each request runs alone and must prune its image with settings not seen before
+    (a cached image would not run the tower).
+    """
+    import io
+
+    import torch
+
+    towers = []
+    for request in requests:
+        llm.apply_model(start_recording_towers)
+        llm.generate([request], greedy_params(max_tokens=1), use_tqdm=False)
+        (blob,) = llm.apply_model(take_recorded_towers)
+        recorded = torch.load(io.BytesIO(blob))
+        assert len(recorded) == 1, f"expected one tower run for the request, got {len(recorded)}"
+        towers.append(recorded[0])
+    return towers
+
+
+def max_differences(engine: list[tuple], reference: list[tuple]) -> dict[str, float]:
+    """Max abs difference per field (hidden, saliency, keys, projected) over all images."""
+    fields = ("hidden", "saliency", "keys", "projected")
+    worst = dict.fromkeys(fields, 0.0)
+    for ours, theirs in zip(engine, reference, strict=True):
+        for field, a, b in zip(fields, ours, theirs):
+            if a is not None and b is not None:
+                assert a.shape == b.shape, (field, a.shape, b.shape)
+                worst[field] = max(worst[field], float((a.float() - b.float()).abs().max()))
+    return worst
+
+
+def jittered(tower, jitter: dict[str, float], generator):  # noqa: ANN201
+    """`tower` (a TowerOutput) plus Gaussian noise of std `jitter[field]` on hidden, saliency and keys."""
+    import torch
+
+    from vllm_promprune.pruning import TowerOutput
+
+    def noisy(values, field: str):  # noqa: ANN202
+        if values is None:
+            return None
+        return values + jitter[field] * torch.randn(values.shape, generator=generator, dtype=values.dtype)
+
+    return TowerOutput(noisy(tower.hidden, "hidden"), noisy(tower.saliency, "saliency"), noisy(tower.keys, "keys"))
+
+
+@contextmanager
+def recorded_selections() -> Iterator[list]:
+    """Record every choice the pruning pipeline makes while the block runs.
+
+    Selecting methods: the index tensor `reduce_tokens` returns; VisionZip (merging):
+    its plan (dominant rows, targets, merged rows and their assignment).
+    """
+    import vllm_promprune.methods.visionzip as visionzip
+    import vllm_promprune.pruning as pruning
+    from vllm_promprune.methods import METHODS
+
+    record: list = []
+    reduce_tokens, plan = pruning.reduce_tokens, visionzip._plan
+
+    def recording_reduce(method: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = reduce_tokens(method, *args, **kwargs)
+        if not METHODS[method].merges:
+            record.append(result.clone())
+        return result
+
+    def recording_plan(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = plan(*args, **kwargs)
+        record.extend(part.clone() for part in result)
+        return result
+
+    pruning.reduce_tokens, visionzip._plan = recording_reduce, recording_plan
+    try:
+        yield record
+    finally:
+        pruning.reduce_tokens, visionzip._plan = reduce_tokens, plan
+
+
+def selections(prune, tower) -> list:
+    """Every choice `prune(tower)` makes (see `recorded_selections`)."""
+    import torch
+
+    with torch.inference_mode(), recorded_selections() as record:
+        prune(tower)
+    return record
+
+
+def same_selections(a: list, b: list) -> bool:
+    import torch
+
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_promprune.testing.checkpoints import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("models") / "llava-tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_promprune.testing.checkpoints import build_llava_next
+
+    return build_llava_next(tmp_path_factory.mktemp("models") / "llava-next-tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_promprune.testing.checkpoints import build_qwen2_5_vl
+
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("models") / "qwen2.5-vl-tiny", size="tiny", seed=0)
+
+
+class ImageCases:
+    """Images of named sizes for one family's tests, and offline requests for them.
+
+    `sizes` maps a size name to (width, height); `reference_seeds` gives the
+    textured image each size uses in the reference comparisons by default.
+    """
+
+    def __init__(self, prompt: str, sizes: dict[str, tuple[int, int]], reference_seeds: dict[str, int]) -> None:
+        self.prompt, self.sizes, self.reference_seeds = prompt, sizes, reference_seeds
+
+    def scene(self, size: str, seed: int = 4):  # noqa: ANN201 (PIL image)
+        from vllm_promprune.testing.synthetic import scene_image
+
+        return scene_image(seed, *self.sizes[size])
+
+    def textured(self, size: str, seed: int | None = None):  # noqa: ANN201 (PIL image)
+        """The textured image of `size` (by default the reference image of that size)."""
+        from vllm_promprune.testing.synthetic import textured_image
+
+        return textured_image(self.reference_seeds[size] if seed is None else seed, *self.sizes[size])
+
+    def request(self, images: list, settings: dict | None = None, prompt: str | None = None) -> dict:
+        return image_request(self.prompt if prompt is None else prompt, images, settings)

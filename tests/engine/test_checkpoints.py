@@ -1,0 +1,90 @@
+"""Offline checkpoints: deterministic, complete, real LLaVA-1.5 geometry."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from vllm_promprune.testing.checkpoints import build_llava
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
+
+
+def test_same_seed_same_files_other_seed_other_weights(tiny_llava: Path, tmp_path: Path) -> None:
+    again = build_llava(tmp_path / "again", size="tiny", seed=0)
+    other = build_llava(tmp_path / "other", size="tiny", seed=1)
+    assert _digest(again) == _digest(tiny_llava)
+    assert _digest(other)["model.safetensors"] != _digest(tiny_llava)["model.safetensors"]
+
+
+def test_loads_in_transformers_with_no_missing_keys(tiny_llava: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(tiny_llava, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    assert model.config.vision_feature_layer == -2
+    assert (model.config.vision_config.image_size, model.config.vision_config.patch_size) == (336, 14)
+
+    from vllm_promprune.testing.synthetic import scene_image
+
+    inputs = processor(images=[scene_image(0)], text="USER: <image>\nhi ASSISTANT:", return_tensors="pt")
+    image_token = model.config.image_token_index
+    assert int((inputs["input_ids"] == image_token).sum()) == 576
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_chat_template_is_llava_1_5(tiny_llava: Path) -> None:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<s>USER: <image>\nWhat is it? ASSISTANT:"
+
+
+def test_llava_next_checkpoint_has_anyres_geometry(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from vllm_promprune.testing.checkpoints import build_llava_next
+    from vllm_promprune.testing.synthetic import scene_image
+
+    out = build_llava_next(tmp_path / "llava-next", size="tiny", seed=0)
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(images=[scene_image(0, 672, 672)], text="USER: <image>\nhi ASSISTANT:", return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 5, 3, 336, 336)  # base view + 4 crops
+    # 5 x 576 patch tokens after unpadding/pooling to the grid, plus one newline per row
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 2928
+
+
+def test_qwen2_5_vl_checkpoint_has_real_geometry(tmp_path: Path) -> None:
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_promprune.testing.checkpoints import build_qwen2_5_vl
+    from vllm_promprune.testing.synthetic import scene_image
+
+    out = build_qwen2_5_vl(tmp_path / "qwen", size="tiny", seed=0)
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    assert sum(text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert list(vision_config.fullatt_block_indexes) == [1, 3]
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[scene_image(0, 448, 448)], text=text, return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]  # 448 / 14 patches per side
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4  # 2x2 merge

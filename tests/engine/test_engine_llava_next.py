@@ -1,0 +1,249 @@
+"""Pruned LLaVA-NeXT (AnyRes) inside the real vLLM engine, on the tiny offline checkpoint.
+
+The engine runs with max_num_batched_tokens=512, smaller than any AnyRes image
+(>= 1728 placeholders unpruned) and than the larger pruned budgets used here, so
+every test also exercises chunked prefill of image placeholders.
+
+Tests that compare with the transformers reference use seeded textured images
+(every visual token distinct), whose selections have margins far above the float
+rounding between the two pipelines (`test_reference_cases_have_margins`); the
+others use seeded scenes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_promprune.families.anyres import anyres_layout
+from vllm_promprune.testing.checkpoints import ANYRES_PINPOINTS
+
+from .conftest import (
+    ImageCases,
+    assert_bit_identical,
+    engine_tower_outputs,
+    greedy_params,
+    jittered,
+    load_reference,
+    max_differences,
+    offline_engine,
+    run,
+    same_selections,
+    selections,
+)
+
+PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
+TWO_IMAGES = "USER: <image>\n<image>\nCompare the two images. ASSISTANT:"
+ENGINE_ARGS = dict(
+    enforce_eager=True,
+    dtype="float32",
+    max_model_len=4096,
+    max_num_batched_tokens=512,
+    enable_prefix_caching=True,
+    limit_mm_per_prompt={"image": 2},
+    seed=0,
+)
+# (width, height): square (2 x 2 crops), wide (1 x 3) and tall (3 x 1), the last two letterboxed.
+SIZES = {"square": (672, 672), "wide": (1000, 300), "tall": (300, 1000)}
+# Textured images (Hn of the content tokens 0.70..0.75) whose selections under the settings
+# below keep margins above float noise (checked by test_reference_cases_have_margins).
+REFERENCE_SEEDS = {"square": 9, "wide": 2, "tall": 23}
+CASES = ImageCases(PROMPT, SIZES, REFERENCE_SEEDS)
+REFERENCE_SETTINGS = [
+    {"keep": 320, "mu": 0.95},  # Hn < mu: all saliency
+    {"keep": 320, "budget_mode": "per_crop", "mu": 0.95},
+    {"keep": 1000, "mu": 0.95},  # pruned image split over several prefill chunks
+    # All coverage: DPP over every content token. Greedy DPP picks beyond the LLM width
+    # (128 here) have residual gains ~0 that float noise orders, hence 64 and no 320 / 1000.
+    {"keep": 64, "mu": 0.1},
+    {"keep": 96, "method": "prunesid", "budget_mode": "per_crop"},
+    {"keep": 64, "method": "visionzip"},
+    {"keep": 64, "method": "divprune"},
+    # VisPruner splits its residual tokens by their place in the CLS-attention order (see
+    # test_engine_llava.py): per view, 98% of the budget by attention and one or two rounds
+    # over the ~20 least salient tokens, where that order has margins.
+    {"ratio": 0.99, "method": "vispruner", "important_ratio": 0.98, "budget_mode": "per_crop"},
+]
+# The other comparisons with the reference: (images by (size, seed), settings).
+PREFIX_CASE = ([("square", 7)], {"keep": 300, "mu": 0.95})
+TWO_IMAGE_CASES = [
+    ([("wide", 4), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
+    ([("tall", 8), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
+]
+# Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
+# (2026-12-01 on these images: hidden 4.6e-6, CLS attention 5.8e-10, keys 5.7e-7; projected
+# features 7.1e-8, which this noise moves by 6.2e-6). The cases' selections first change at
+# 2x to >100x this noise (5 draws per scale; the weakest: keep=1000 by attention and VisionZip).
+JITTER = {"hidden": 6e-5, "saliency": 8e-9, "keys": 8e-6}
+
+
+def _layout(size: str):  # noqa: ANN202
+    width, height = SIZES[size]
+    return anyres_layout(height, width, ANYRES_PINPOINTS, 336, 14)
+
+
+@pytest.fixture(scope="module")
+def stock_llm(tiny_llava_next: Path) -> Iterator[object]:
+    with offline_engine(tiny_llava_next, ENGINE_ARGS, pruned=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def pruned_llm(tiny_llava_next: Path) -> Iterator[object]:
+    with offline_engine(tiny_llava_next, ENGINE_ARGS, pruned=True) as llm:  # the margin guard records tower outputs
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llava_next: Path):  # noqa: ANN201
+    from transformers import LlavaNextForConditionalGeneration
+
+    from vllm_promprune.reference import PrunedLlavaNextReference
+
+    return load_reference(tiny_llava_next, LlavaNextForConditionalGeneration, PrunedLlavaNextReference)
+
+
+def _expected(reference, images: list, settings: dict | None, prompt: str = PROMPT):  # noqa: ANN202
+    prompt_ids = reference.processor.tokenizer(prompt).input_ids
+    return reference.greedy(prompt_ids, images, settings, 8)
+
+
+@pytest.mark.parametrize(
+    ("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000, "budget_mode": "per_crop"})]
+)
+def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, seed: int, settings: dict | None) -> None:
+    # A fresh image per case: a prefix-cache hit on one side only would change float rounding.
+    assert_bit_identical(
+        stock_llm, pruned_llm,
+        [CASES.request([CASES.scene(s, seed)]) for s in SIZES], [CASES.request([CASES.scene(s, seed)], settings) for s in SIZES],
+    )
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("budget_mode", ["global", "per_crop"])
+def test_prompt_is_text_plus_k(stock_llm, pruned_llm, size: str, budget_mode: str) -> None:
+    layout = _layout(size)
+    (stock_ids, _), = run(stock_llm, [CASES.request([CASES.scene(size)])], max_tokens=1)
+    text = len(stock_ids) - layout.num_stock_tokens
+    for keep, expected in [(1, 1), (77, 77), (layout.num_content - 1, layout.num_content - 1),
+                           (layout.num_content, layout.num_stock_tokens)]:
+        settings = {"keep": keep, "budget_mode": budget_mode}
+        (ids, tokens), = run(pruned_llm, [CASES.request([CASES.scene(size)], settings)], max_tokens=1)
+        assert len(ids) == text + expected, (keep, budget_mode)
+        assert len(tokens) == 1
+
+
+@pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
+def test_matches_transformers_reference(pruned_llm, reference, settings: dict) -> None:
+    results = run(pruned_llm, [CASES.request([CASES.textured(size)], settings) for size in SIZES])
+    for size, result in zip(SIZES, results):
+        assert result == _expected(reference, [CASES.textured(size)], settings), size
+
+
+def test_prefix_cache_hit_then_different_question(pruned_llm, reference) -> None:
+    (image,), settings = ([CASES.textured(size, seed) for size, seed in PREFIX_CASE[0]], PREFIX_CASE[1])
+    first = pruned_llm.generate([CASES.request([image], settings)], greedy_params(), use_tqdm=False)[0]
+    question = "USER: <image>\nWhere is the largest shape? ASSISTANT:"
+    second = pruned_llm.generate([CASES.request([image], settings, question)], greedy_params(), use_tqdm=False)[0]
+    assert second.num_cached_tokens >= 128  # image placeholders came from the prefix cache
+    assert (list(second.prompt_token_ids), list(second.outputs[0].token_ids)) == _expected(
+        reference, [image], settings, question
+    )
+    assert list(first.outputs[0].token_ids) == _expected(reference, [image], settings)[1]
+
+
+def test_two_images_with_different_budgets_in_one_request(pruned_llm, reference) -> None:
+    (first_images, settings), (second_images, _) = TWO_IMAGE_CASES
+    images = [CASES.textured(size, seed) for size, seed in first_images]
+    (ids, tokens), = run(pruned_llm, [CASES.request(images, settings, TWO_IMAGES)])
+    assert (ids, tokens) == _expected(reference, images, settings, TWO_IMAGES)
+    image_token = reference.config.image_token_index
+    assert sum(1 for t in ids if t == image_token) == 248
+    # The wide image is now in vLLM's processor cache with this request's settings;
+    # a request that shares only it must still give the new first image its own budget.
+    others = [CASES.textured(size, seed) for size, seed in second_images]
+    assert run(pruned_llm, [CASES.request(others, settings, TWO_IMAGES)])[0] == _expected(
+        reference, others, settings, TWO_IMAGES
+    )
+
+
+def test_reference_cases_have_margins(pruned_llm, reference) -> None:
+    """Guards the comparisons with the reference above (see test_engine_llava.py).
+
+    Measures the engine-vs-reference difference of the tower outputs on every image
+    they use and checks JITTER is >= 10x it (also after the projector), checks the
+    PromPrune splits, and checks that noise of std JITTER on the reference's tower
+    outputs leaves every selection (indices, VisionZip plans) exactly as it is.
+    """
+    import torch
+
+    from vllm_promprune.families.anyres import prune_anyres, split_budget
+    from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
+    from vllm_promprune.settings import parse_image_settings
+
+    projector = reference.model.model.multi_modal_projector
+    cases = [([(size, REFERENCE_SEEDS[size])], raw) for raw in REFERENCE_SETTINGS for size in SIZES]
+    cases += [PREFIX_CASE, *TWO_IMAGE_CASES]
+    images = sorted({image for case_images, _ in cases for image in case_images})
+    towers = {}
+    for size, seed in images:
+        processed = reference.processor.image_processor([CASES.textured(size, seed)], return_tensors="pt")
+        layout = _layout(size)
+        towers[size, seed] = (layout, reference.tower_output(processed["pixel_values"][0][: layout.num_views]))
+
+    requests = [CASES.request([CASES.textured(size, seed)], {"keep": 15}) for size, seed in images]  # settings not used before
+    engine = engine_tower_outputs(pruned_llm, requests)
+    with torch.inference_mode():
+        ours = [(t.hidden, t.saliency, t.keys, projector(t.hidden[:, 1:])) for _, t in towers.values()]
+        measured = max_differences(engine, ours)
+        generator = torch.Generator().manual_seed(0)
+        moved = max(
+            float((projector(jittered(t, JITTER, generator).hidden[:, 1:]) - projector(t.hidden[:, 1:])).abs().max())
+            for _, t in towers.values()
+        )
+    for field in ("hidden", "saliency", "keys"):
+        assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
+    assert moved >= 10 * measured["projected"] > 0, (moved, measured)
+
+    for size in SIZES:  # the PromPrune splits the settings claim (global, and per view)
+        layout, tower = towers[size, REFERENCE_SEEDS[size]]
+        with torch.inference_mode():
+            tokens = projector(tower.hidden[:, 1:].flatten(0, 1)[layout.content_index])
+            entropy = spectral_entropy(tokens)
+            view_entropies = [spectral_entropy(tokens[layout.view_of == v]) for v in range(layout.num_views)]
+        assert saliency_budget(entropy, 1000, PromPruneOptions(mu=0.95)) == 1000
+        assert saliency_budget(entropy, 320, PromPruneOptions(mu=0.95)) == 320
+        assert saliency_budget(entropy, 64, PromPruneOptions(mu=0.1)) == 0
+        for view_entropy, share in zip(view_entropies, split_budget(320, layout.view_sizes())):
+            assert saliency_budget(view_entropy, share, PromPruneOptions(mu=0.95)) == share
+
+    for case_images, raw in cases:
+        for (size, seed), image_settings in zip(case_images, parse_image_settings(raw, len(case_images))):
+            layout, tower = towers[size, seed]
+
+            def prune(t, layout=layout, image_settings=image_settings):  # noqa: ANN202
+                return prune_anyres(t, layout, image_settings, projector)
+
+            clean = selections(prune, tower)
+            assert clean, (size, seed, raw)
+            for _ in range(3):
+                noisy = selections(prune, jittered(tower, JITTER, generator))
+                assert same_selections(noisy, clean), (size, seed, raw)
+
+
+def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm) -> None:
+    variants = [{"keep": 64}, {"keep": 512, "budget_mode": "per_crop"}, None, {"keep": 64, "method": "fps"}]
+    image = CASES.scene("tall", 9)
+    solo = [run(pruned_llm, [CASES.request([image], settings)])[0] for settings in variants]
+    assert run(pruned_llm, [CASES.request([image], settings) for settings in variants]) == solo
+    assert len({len(ids) for ids, _ in solo}) == 3
+
+
+def test_per_image_budget_list_must_match_images(pruned_llm) -> None:
+    with pytest.raises(ValueError, match=r"promprune\.keep: a list needs one value per image.*got 3 values for 2"):
+        run(pruned_llm, [CASES.request([CASES.scene("wide"), CASES.scene("tall")], {"keep": [1, 2, 3]}, TWO_IMAGES)])
+    with pytest.raises(ValueError, match=r"image 1: .*promprune\.keep"):
+        run(pruned_llm, [CASES.request([CASES.scene("wide"), CASES.scene("tall")], {"keep": [8, 0]}, TWO_IMAGES)])
+    assert len(run(pruned_llm, [CASES.request([CASES.scene("wide")], {"keep": 8})])[0][1]) == 8

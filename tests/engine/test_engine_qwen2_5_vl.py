@@ -1,0 +1,380 @@
+"""Pruned Qwen2.5-VL inside the real vLLM engine, on the tiny offline checkpoint.
+
+Positions are checked directly: the positions vLLM's language model receives
+(recorded with `LLM.apply_model`) must equal transformers' `get_rope_index`
+positions of the UNPRUNED prompt restricted to the kept tokens. The engine runs
+with max_num_batched_tokens=96, smaller than every image here, so image
+placeholders are always split over several prefill steps.
+
+Tests that compare with the transformers reference use seeded textured images
+(every visual token distinct), whose selections have margins far above the float
+rounding between the two pipelines (`test_reference_cases_have_margins`); the
+others use seeded scenes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_promprune.families.qwen_vision import merger_projection
+from vllm_promprune.testing.synthetic import scene_image
+
+from .conftest import (
+    ImageCases,
+    assert_bit_identical,
+    engine_tower_outputs,
+    greedy_params,
+    jittered,
+    load_reference,
+    max_differences,
+    offline_engine,
+    run,
+    same_selections,
+    selections,
+    start_recording_positions,
+    take_recorded_positions,
+)
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPT = f"<|im_start|>user\n{IMAGE}What is shown in the image?<|im_end|>\n<|im_start|>assistant\n"
+TWO_IMAGES = f"<|im_start|>user\n{IMAGE}{IMAGE}Compare the two images.<|im_end|>\n<|im_start|>assistant\n"
+ENGINE_ARGS = dict(
+    enforce_eager=True,
+    dtype="float32",
+    max_model_len=4096,
+    max_num_batched_tokens=96,
+    enable_prefix_caching=True,
+    limit_mm_per_prompt={"image": 2, "video": 1},
+    seed=0,
+)
+# (width, height) -> merged grid (h, w): square 16 x 16, wide 8 x 24, tall 24 x 8.
+SIZES = {"square": (448, 448), "wide": (672, 224), "tall": (224, 672)}
+GRIDS = {"square": (16, 16), "wide": (8, 24), "tall": (24, 8)}
+# Textured images (Hn 0.84..0.86) whose selections under the settings below keep margins
+# above float noise (checked by test_reference_cases_have_margins).
+REFERENCE_SEEDS = {"square": 10, "wide": 9, "tall": 38}
+CASES = ImageCases(PROMPT, SIZES, REFERENCE_SEEDS)
+REFERENCE_SETTINGS = [
+    {"keep": 64},  # PromPrune, mu 0.5744 (Qwen default) < Hn: all coverage (DPP)
+    {"keep": 40, "mu": 0.0},  # all coverage (DPP)
+    {"keep": 40, "mu": 1.0},  # all saliency (received attention)
+    {"keep": 50, "order": "selection"},  # kept tokens not in raster order
+    {"keep": 48, "method": "divprune"},
+    # VisPruner splits its residual tokens by their place in the attention order (see
+    # test_engine_llava.py): 94% of the budget by attention, then one round over the 18-23
+    # least salient tokens, where that order has margins.
+    {"ratio": 0.97, "method": "vispruner", "important_ratio": 0.94},
+    {"ratio": 0.3, "method": "fps"},
+]
+# The other comparisons with the reference: images by (size, seed), settings.
+GRID_SETTINGS = {"keep": 50}  # test_kept_tokens_carry_true_grid_positions and the EVS one, reference images
+PREFIX_CASE = ([("square", 7)], {"keep": 200, "mu": 1.0})  # all saliency: 200 DPP picks exceed the LLM width
+TWO_IMAGE_CASE = ([("tall", 5), ("wide", 6)], {"keep": [30, 120]})
+# Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
+# (2026-12-01 on these images: merger input 3.8e-6, received attention 2.3e-10; merged
+# features 2.4e-7, which this noise moves by 3.6e-5). The cases' selections first change at
+# 2x to >100x this noise (5 draws per scale).
+JITTER = {"hidden": 6e-5, "saliency": 3e-9, "keys": 0.0}  # no keys: Qwen's tower has none
+
+
+def _video(num_frames: int = 4, seed: int = 0, fps: float = 2.0) -> tuple:
+    """Frames of distinct scenes (224 x 224) with the metadata Qwen's video processor needs
+    (second_per_grid_ts = 2 frames per temporal patch / fps)."""
+    import numpy as np
+
+    frames = np.stack([np.asarray(scene_image(seed + i, 224, 224)) for i in range(num_frames)])
+    metadata = {"fps": fps, "duration": num_frames / fps, "total_num_frames": num_frames,
+                "frames_indices": list(range(num_frames)), "video_backend": "opencv", "do_sample_frames": False}
+    return frames, metadata
+
+
+VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_GRID = (2, 8, 8)  # 4 frames of 224 x 224: 2 temporal patches of 8 x 8 merged tokens
+VIDEO_T_STEP = 4  # second_per_grid_ts (2 frames / 2 fps) x tokens_per_second (4)
+
+
+@contextmanager
+def _recording_engine(model: Path, *, pruned: bool, **overrides: float) -> Iterator[object]:
+    """An engine whose worker records the positions of every forward pass."""
+    with offline_engine(model, {**ENGINE_ARGS, **overrides}, pruned=pruned) as llm:
+        llm.apply_model(start_recording_positions)
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def stock_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
+    with _recording_engine(tiny_qwen2_5_vl, pruned=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def pruned_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen2_5_vl: Path):  # noqa: ANN201
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_promprune.reference import PrunedQwen2_5_VLReference
+
+    return load_reference(tiny_qwen2_5_vl, Qwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VLReference)
+
+
+def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN202
+    """(prompt ids, tokens, positions of the prompt tokens) of one request run alone.
+
+    The request must not hit the prefix cache (positions are recorded only for computed tokens).
+    """
+    llm.apply_model(take_recorded_positions)  # drop anything recorded before
+    output = llm.generate([request], greedy_params(max_tokens), use_tqdm=False)[0]
+    assert output.num_cached_tokens == 0, "use fresh content: this request hit the prefix cache"
+    ids, tokens = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
+    (positions,) = llm.apply_model(take_recorded_positions)
+    generated = positions[:, len(ids):]
+    next_position = int(positions[:, : len(ids)].max()) + 1
+    assert torch.equal(generated, (torch.arange(generated.shape[1]) + next_position).expand(3, -1))
+    return ids, tokens, positions[:, : len(ids)]
+
+
+@pytest.mark.parametrize(("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000})])
+def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, seed: int, settings: dict | None) -> None:
+    assert_bit_identical(
+        stock_llm, pruned_llm,
+        [CASES.request([CASES.scene(s, seed)]) for s in SIZES], [CASES.request([CASES.scene(s, seed)], settings) for s in SIZES],
+    )
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_prompt_is_text_plus_k(stock_llm, pruned_llm, size: str) -> None:
+    (stock_ids, _), = run(stock_llm, [CASES.request([CASES.scene(size)])], max_tokens=1)
+    h, w = GRIDS[size]
+    for keep in (1, 17, h * w - 1):
+        (ids, _), = run(pruned_llm, [CASES.request([CASES.scene(size)], {"keep": keep})], max_tokens=1)
+        assert len(ids) == len(stock_ids) - h * w + keep
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, size: str) -> None:
+    """The position check: vLLM's positions vs the grid cells of the kept tokens."""
+    settings = GRID_SETTINGS
+    ids, tokens, positions = _solo_with_positions(pruned_llm, CASES.request([CASES.textured(size)], settings))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [CASES.textured(size)], settings)
+    assert (ids, tokens) == (expected_ids, expected_tokens)
+    assert torch.equal(positions, expected_positions)
+    image = torch.tensor(ids) == reference.config.image_token_id
+    start = int(positions[0, image].min())
+    rows, cols = positions[1, image] - start, positions[2, image] - start
+    h, w = GRIDS[size]
+    assert bool((positions[0, image] == start).all()) and int(rows.max()) < h and int(cols.max()) < w
+    first_text_after = int(image.nonzero().max()) + 1
+    assert positions[:, first_text_after].tolist() == [start + max(h, w)] * 3  # as in the unpruned prompt
+
+
+@pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
+def test_matches_transformers_reference(pruned_llm, reference, settings: dict) -> None:
+    results = run(pruned_llm, [CASES.request([CASES.textured(size)], settings) for size in SIZES])
+    for size, result in zip(SIZES, results):
+        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [CASES.textured(size)], settings)
+        assert result == (expected_ids, expected_tokens), size
+
+
+def test_prefix_cache_hit_then_different_question(pruned_llm, reference) -> None:
+    (image,), settings = ([CASES.textured(size, seed) for size, seed in PREFIX_CASE[0]], PREFIX_CASE[1])
+    question = f"<|im_start|>user\n{IMAGE}Where is the largest shape?<|im_end|>\n<|im_start|>assistant\n"
+    run(pruned_llm, [CASES.request([image], settings)])
+    pruned_llm.apply_model(take_recorded_positions)
+    output = pruned_llm.generate([CASES.request([image], settings, question)], greedy_params(), use_tqdm=False)[0]
+    (positions,) = pruned_llm.apply_model(take_recorded_positions)
+    assert output.num_cached_tokens >= 128  # the image's placeholders came from the prefix cache
+    expected_ids, expected_tokens, expected_positions = reference.greedy(question, [image], settings)
+    assert (list(output.prompt_token_ids), list(output.outputs[0].token_ids)) == (expected_ids, expected_tokens)
+    computed = len(expected_ids) - output.num_cached_tokens
+    assert torch.equal(positions[:, :computed], expected_positions[:, output.num_cached_tokens :])
+
+
+def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, reference) -> None:
+    images, settings = [CASES.textured(size, seed) for size, seed in TWO_IMAGE_CASE[0]], TWO_IMAGE_CASE[1]
+    ids, tokens, positions = _solo_with_positions(pruned_llm, CASES.request(images, settings, TWO_IMAGES))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(TWO_IMAGES, images, settings)
+    assert (ids, tokens) == (expected_ids, expected_tokens)
+    assert torch.equal(positions, expected_positions)
+    assert sum(1 for t in ids if t == reference.config.image_token_id) == 150
+
+
+def test_reference_cases_have_margins(pruned_llm, reference) -> None:
+    """Guards the comparisons with the reference in this module (see test_engine_llava.py).
+
+    Measures the engine-vs-reference difference of the tower outputs (merger inputs,
+    received attention) on every image they use and checks JITTER is >= 10x it (also
+    after the merger), checks the PromPrune splits, and checks that noise of std JITTER
+    on the reference's tower outputs leaves every selection exactly as it is.
+    """
+    from vllm_promprune.families.qwen_vision import QWEN_OPTION_DEFAULTS
+    from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
+    from vllm_promprune.pruning import prune_images_indexed
+    from vllm_promprune.settings import parse_image_settings
+
+    cases = [([(size, REFERENCE_SEEDS[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZES]
+    cases += [PREFIX_CASE, TWO_IMAGE_CASE]
+    images = sorted({image for case_images, _ in cases for image in case_images})
+    towers = {}
+    for size, seed in images:
+        inputs = reference.processor(text=[PROMPT], images=[CASES.textured(size, seed)], return_tensors="pt")
+        (towers[size, seed],) = reference.tower_outputs(inputs["pixel_values"], inputs["image_grid_thw"])
+
+    requests = [CASES.request([CASES.textured(size, seed)], {"keep": 15}) for size, seed in images]  # settings not used before
+    engine = engine_tower_outputs(pruned_llm, requests)
+    project = merger_projection(reference.model.model.visual.merger)
+    with torch.inference_mode():
+        ours = [(t.hidden, t.saliency, t.keys, project(t.hidden[:, 1:])) for t in towers.values()]
+        measured = max_differences(engine, ours)
+        generator = torch.Generator().manual_seed(0)
+        moved = max(
+            float((project(jittered(t, JITTER, generator).hidden[:, 1:]) - projected).abs().max())
+            for t, (_, _, _, projected) in zip(towers.values(), ours)
+        )
+    for field in ("hidden", "saliency"):
+        assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
+    assert moved >= 10 * measured["projected"] > 0, (moved, measured)
+
+    for size in SIZES:  # the PromPrune splits the settings claim
+        with torch.inference_mode():
+            entropy = spectral_entropy(project(towers[size, REFERENCE_SEEDS[size]].hidden[0, 1:]))
+        assert saliency_budget(entropy, 64, PromPruneOptions(**QWEN_OPTION_DEFAULTS)) == 0
+        assert saliency_budget(entropy, 40, PromPruneOptions(mu=0.0)) == 0
+        assert saliency_budget(entropy, 40, PromPruneOptions(mu=1.0)) == 40
+    with torch.inference_mode():
+        entropy = spectral_entropy(project(towers[PREFIX_CASE[0][0]].hidden[0, 1:]))
+    assert saliency_budget(entropy, 200, PromPruneOptions(mu=1.0)) == 200
+
+    for case_images, raw in cases:
+        image_settings = parse_image_settings(raw, len(case_images), option_defaults=QWEN_OPTION_DEFAULTS)
+        for image, settings in zip(case_images, image_settings):
+
+            def prune(t, settings=settings):  # noqa: ANN202
+                return prune_images_indexed(t, [settings], project)
+
+            clean = selections(prune, towers[image])
+            assert clean, (image, raw)
+            for _ in range(3):
+                noisy = selections(prune, jittered(towers[image], JITTER, generator))
+                assert same_selections(noisy, clean), (image, raw)
+
+
+def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm) -> None:
+    variants = [{"keep": 64}, {"keep": 150, "order": "selection"}, None, {"keep": 64, "method": "uniform"}]
+    image = CASES.scene("wide", 9)
+    solo = [run(pruned_llm, [CASES.request([image], settings)])[0] for settings in variants]
+    assert run(pruned_llm, [CASES.request([image], settings) for settings in variants]) == solo
+    assert len({len(ids) for ids, _ in solo}) == 3
+
+
+@pytest.mark.parametrize("method", ["prunesid", "visionzip"])
+def test_methods_needing_a_cls_token_are_refused(pruned_llm, method: str) -> None:
+    with pytest.raises(ValueError, match=rf"promprune\.method '{method}' needs .*Qwen2\.5-VL"):
+        run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8, "method": method})])
+    assert len(run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8})])[0][1]) == 8
+
+
+def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm) -> None:
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=20)}}
+    stock = _solo_with_positions(stock_llm, request)
+    pruned = _solo_with_positions(pruned_llm, dict(request, mm_processor_kwargs={"promprune": {"keep": 8}}))
+    assert pruned[:2] == stock[:2]
+    assert torch.equal(pruned[2], stock[2])
+    assert len(stock[0]) == len(run(stock_llm, [{"prompt": VIDEO_PROMPT.replace("<|video_pad|>", "")}], max_tokens=1)[0][0]) + 128
+
+
+def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference) -> None:
+    prompt = VIDEO_PROMPT.replace("<|vision_end|>", "<|vision_end|>" + IMAGE, 1)
+    image, video = CASES.scene("wide", 3), _video(seed=10)
+    ids, tokens, positions = _solo_with_positions(
+        pruned_llm, {"prompt": prompt, "multi_modal_data": {"video": video, "image": image},
+                     "mm_processor_kwargs": {"promprune": {"keep": 20}}}
+    )
+    stock_ids, _, stock_positions = _solo_with_positions(
+        stock_llm, {"prompt": prompt, "multi_modal_data": {"video": video, "image": image}}
+    )
+    assert len(ids) == len(stock_ids) - 192 + 20
+    video = torch.tensor(stock_ids) == reference.config.video_token_id
+    video_end = int(video.nonzero().max()) + 1
+    assert torch.equal(positions[:, :video_end], stock_positions[:, :video_end])  # video and text before the image
+    assert torch.equal(positions[:, -5:], stock_positions[:, -5:])  # text after the image: unpruned positions
+    assert len(tokens) == 8
+
+
+@pytest.fixture(scope="module")
+def evs_llm(tiny_qwen2_5_vl: Path, pruned_llm) -> Iterator[object]:
+    """vLLM's own video pruning (EVS) next to this plugin's image pruning.
+
+    Depends on `pruned_llm` only to run after that module's other engines exist
+    once (the fixtures are torn down together at the end of the module).
+    """
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True, video_pruning_rate=0.25) as llm:
+        yield llm
+
+
+def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:
+    t, h, w = VIDEO_GRID
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=30)}}
+    ids, tokens, positions = _solo_with_positions(evs_llm, request)
+    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    assert len(video) == t * h * w * 3 // 4  # EVS at rate 0.25
+    start = int(positions[0, video[0]])
+    cells = positions[:, video] - start
+    first_frame = cells[:, : h * w]  # EVS always keeps every token of the first frame
+    assert torch.equal(first_frame[0], torch.zeros(h * w, dtype=first_frame.dtype))
+    assert torch.equal(first_frame[1:], torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1))
+    later = cells[:, h * w :]
+    assert bool((later[0] == VIDEO_T_STEP).all()) and int(later[1:].max()) < max(h, w)
+    assert len({tuple(cell) for cell in later.T.tolist()}) == later.shape[1]  # distinct grid cells
+    after = int(video.max()) + 1
+    assert positions[:, after].tolist() == [start + max((t - 1) * VIDEO_T_STEP, h - 1, w - 1) + 1] * 3  # as unpruned
+    assert len(tokens) == 8
+
+
+def test_vllm_video_pruning_of_one_temporal_patch_is_positioned_as_stock(evs_llm, stock_llm) -> None:
+    # 2 frames = one temporal patch: EVS keeps every token (it always keeps the first
+    # frame), so the video is unpruned and its slots carry stock grid positions already;
+    # adding EVS's grid offsets on top would double them.
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(num_frames=2, seed=40)}}
+    ids, tokens, positions = _solo_with_positions(evs_llm, request)
+    stock_ids, stock_tokens, stock_positions = _solo_with_positions(stock_llm, request)
+    assert ids == stock_ids
+    assert torch.equal(positions, stock_positions)
+    assert tokens == stock_tokens
+
+
+def test_vllm_video_pruning_with_fractional_seconds_per_grid(evs_llm, stock_llm, reference) -> None:
+    # fps 3: second_per_grid_ts = 2/3, time step 2/3 x 4 tokens/s = 8/3, so the second temporal
+    # patch sits at t = floor(8/3) = 2 in the unpruned model (vLLM's own EVS column casts
+    # 2/3 to 0 first and would put it at t = 0).
+    t, h, w = VIDEO_GRID
+    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=50, fps=3.0)}}
+    ids, _, positions = _solo_with_positions(evs_llm, request)
+    stock_ids, _, stock_positions = _solo_with_positions(stock_llm, request)
+    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    stock_video = (torch.tensor(stock_ids) == reference.config.video_token_id).nonzero().squeeze(1)
+    assert len(video) == t * h * w * 3 // 4 and len(stock_video) == t * h * w
+    kept = positions[:, video]
+    assert torch.equal(kept[:, : h * w], stock_positions[:, stock_video[: h * w]])  # first frame: all of it
+    later = kept[:, h * w :] - kept[0, 0]
+    assert bool((later[0] == 2).all())
+    assert {tuple(c) for c in kept.T.tolist()} <= {tuple(c) for c in stock_positions[:, stock_video].T.tolist()}
+    after, stock_after = int(video.max()) + 1, int(stock_video.max()) + 1
+    assert torch.equal(positions[:, after:], stock_positions[:, stock_after:])  # text after: as unpruned
+
+
+def test_image_pruning_next_to_vllm_video_pruning(evs_llm, reference) -> None:
+    settings = GRID_SETTINGS
+    ids, tokens, positions = _solo_with_positions(evs_llm, CASES.request([CASES.textured("tall")], settings))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [CASES.textured("tall")], settings)
+    assert (ids, tokens) == (expected_ids, expected_tokens)
+    assert torch.equal(positions, expected_positions)

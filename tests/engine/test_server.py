@@ -1,0 +1,143 @@
+"""`vllm-promprune serve` end to end: a live OpenAI server on the tiny checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from vllm_promprune.testing.synthetic import scene_image
+from vllm_promprune.tools.demo import chat_request, image_data_url
+from vllm_promprune.tools.server_process import ServerProcess
+
+from .conftest import free_port
+
+MODEL_NAME = "llava-offline"  # from the preset
+PRESET = Path(__file__).resolve().parents[2] / "configs" / "cpu-demo.yaml"
+NUM_TOKENS = 576
+SERVER_DEFAULT_KEEP = 32
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # The CPU demo preset, with its default budget changed on the command line.
+    # No --trust-request-mm-kwargs: pruning keys need no trust.
+    args = ["--config", str(PRESET), "--keep", str(SERVER_DEFAULT_KEEP)]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(str(tiny_llava), args, free_port(), log) as process:
+        yield process
+
+
+def _chat(server: ServerProcess, settings: dict | None, seed: int = 0, **extra: object) -> requests.Response:
+    body = chat_request(MODEL_NAME, image_data_url(scene_image(seed)), settings, max_tokens=4)
+    body.update(extra)
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+
+
+def _prompt_tokens(server: ServerProcess, settings: dict | None, seed: int = 0, **extra: object) -> int:
+    response = _chat(server, settings, seed, **extra)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def text_tokens(server: ServerProcess) -> int:
+    """Prompt tokens of the chat request besides the image."""
+    text = _prompt_tokens(server, {"keep": None}) - NUM_TOKENS  # keep=None opts out of the default
+    assert text > 0
+    return text
+
+
+def test_usage_prompt_tokens_follow_per_request_and_default_budgets(server: ServerProcess, text_tokens: int) -> None:
+    text = text_tokens
+    assert _prompt_tokens(server, None) == text + SERVER_DEFAULT_KEEP
+    assert _prompt_tokens(server, {"keep": 64}) == text + 64
+    assert _prompt_tokens(server, {"mu": 0.3}) == text + SERVER_DEFAULT_KEEP  # merged key by key
+    assert _prompt_tokens(server, {"keep": 10_000}) == text + NUM_TOKENS
+
+
+def test_vllm_xargs_route_equals_mm_processor_kwargs_route(server: ServerProcess, text_tokens: int) -> None:
+    via_xargs = _chat(server, None, vllm_xargs={"promprune_keep": 48, "promprune_method": "fps"})
+    via_mm = _chat(server, {"keep": 48, "method": "fps"})
+    assert via_xargs.status_code == via_mm.status_code == 200, via_xargs.text
+    assert via_xargs.json()["usage"]["prompt_tokens"] == text_tokens + 48
+    assert via_xargs.json()["choices"][0]["message"] == via_mm.json()["choices"][0]["message"]
+    # both routes at once, consistent, is fine; inconsistent is a 400 naming both
+    assert _prompt_tokens(server, {"keep": 48}, vllm_xargs={"promprune_keep": 48}) == text_tokens + 48
+    clash = _chat(server, {"keep": 48}, vllm_xargs={"promprune_keep": 40})
+    assert clash.status_code == 400
+    assert "vllm_xargs.promprune_keep=40" in clash.json()["error"]["message"]
+
+
+def test_other_processor_kwargs_still_need_trust(server: ServerProcess) -> None:
+    body = chat_request(MODEL_NAME, image_data_url(scene_image(0)), None, max_tokens=4)
+    body["mm_processor_kwargs"] = {"promprune": {"keep": 8}, "do_resize": False}
+    response = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+    assert response.status_code == 400
+    assert "trust-request-mm-kwargs" in response.json()["error"]["message"]
+
+
+BAD_SETTINGS = [
+    ({"keep": 0}, "promprune.keep"),
+    ({"keep": -1}, "promprune.keep"),
+    ({"keep": 1.5}, "promprune.keep"),
+    ({"keep": "64"}, "promprune.keep"),
+    ({"keep": True}, "promprune.keep"),
+    ({"keep": 2**40}, "promprune.keep"),
+    ({"keep": [64, 32]}, "promprune.keep"),  # one image, two budgets
+    ({"ratio": 0}, "promprune.ratio"),
+    ({"ratio": 1.5}, "promprune.ratio"),
+    ({"ratio": -0.2}, "promprune.ratio"),
+    ({"ratio": "half"}, "promprune.ratio"),
+    ({"keep": 8, "ratio": 0.5}, "keep or ratio"),
+    ({"method": "magic"}, "promprune.method"),
+    ({"method": 3}, "promprune.method"),
+    ({"method": "prunesid_dyn"}, "placeholder count"),
+    ({"order": "random"}, "promprune.order"),
+    ({"wat": 1}, "promprune.wat"),
+    ({"mu": "high"}, "promprune.mu"),
+    ({"mu": 2}, "promprune.mu"),
+    ({"tau": 0}, "promprune.tau"),
+    ({"kr_min": 0.9, "kr_max": 0.1}, "kr_min"),
+    ({"coverage": "kmeans"}, "promprune.coverage"),
+    ({"method": "uniform", "mu": 0.4}, "promprune.mu"),
+    ({"method": "random", "seed": -1}, "promprune.seed"),
+    ({"method": "vispruner", "important_ratio": 3}, "promprune.important_ratio"),
+]
+
+
+def test_bad_settings_get_400_naming_the_field_and_server_keeps_serving(server: ServerProcess, text_tokens: int) -> None:
+    assert len({repr(settings) for settings, _ in BAD_SETTINGS}) >= 20
+    for settings, field in BAD_SETTINGS:
+        response = _chat(server, settings)
+        assert response.status_code == 400, (settings, response.text)
+        assert field in response.json()["error"]["message"], (settings, response.json())
+    not_an_object = _chat(server, None, mm_processor_kwargs={"promprune": 64})
+    assert not_an_object.status_code == 400 and "must be an object" in not_an_object.text
+    assert _prompt_tokens(server, {"keep": 16}, seed=1) == text_tokens + 16
+
+
+def _metric_values(server: ServerProcess) -> dict[str, float]:
+    """`/metrics` samples of the pruning metrics, keyed by 'name{labels}'."""
+    values: dict[str, float] = {}
+    for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("vllm:promprune_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_count_tokens_before_and_after_and_time_selection(server: ServerProcess) -> None:
+    before = _metric_values(server)
+    assert _chat(server, {"keep": 16, "method": "fps"}, seed=5).status_code == 200
+    after = _metric_values(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('vllm:promprune_visual_tokens_before_total{method="fps"}') == NUM_TOKENS
+    assert delta('vllm:promprune_visual_tokens_after_total{method="fps"}') == 16
+    assert delta('vllm:promprune_selection_seconds_count{method="fps"}') == 1
+    assert delta('vllm:promprune_selection_seconds_sum{method="fps"}') > 0

@@ -1,0 +1,71 @@
+"""`vllm-promprune serve` for LLaVA-NeXT and Qwen2.5-VL: per-request budgets through the OpenAI API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from vllm_promprune.families.anyres import anyres_layout
+from vllm_promprune.testing.checkpoints import ANYRES_PINPOINTS
+from vllm_promprune.testing.synthetic import scene_image
+from vllm_promprune.tools.demo import image_data_url
+from vllm_promprune.tools.server_process import ServerProcess
+
+from .conftest import free_port
+
+# (width, height) of the two images and their unpruned placeholder counts.
+SIZES = [(672, 336), (336, 672)]
+STOCK_TOKENS = {
+    "llava-next": [anyres_layout(h, w, ANYRES_PINPOINTS, 336, 14).num_stock_tokens for w, h in SIZES],
+    "qwen2.5-vl": [(w // 28) * (h // 28) for w, h in SIZES],  # merged 28 x 28 px cells
+}
+
+
+@pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
+    family = request.param
+    model = request.getfixturevalue("tiny_llava_next" if family == "llava-next" else "tiny_qwen2_5_vl")
+    args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", "tiny",
+            "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--keep", "24"]
+    log = tmp_path_factory.mktemp("server") / f"{family}.log"
+    with ServerProcess(str(model), args, free_port(), log) as process:
+        yield family, process
+
+
+def _chat(server: ServerProcess, images: int, **extra: object) -> requests.Response:
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(scene_image(i, *SIZES[i]))}}
+               for i in range(images)]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [*content, {"type": "text", "text": "Describe."}]}],
+            "max_tokens": 4, "temperature": 0.0, **extra}
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=600)
+
+
+def _prompt_tokens(server: ServerProcess, images: int, **extra: object) -> int:
+    response = _chat(server, images, **extra)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+def test_per_request_budgets(served: tuple[str, ServerProcess]) -> None:
+    family, server = served
+    stock = STOCK_TOKENS[family]
+    unpruned = _prompt_tokens(server, 1, vllm_xargs={"promprune_keep": 100_000})
+    assert _prompt_tokens(server, 1) == unpruned - stock[0] + 24  # server default --keep 24
+    assert _prompt_tokens(server, 1, vllm_xargs={"promprune_keep": 60}) == unpruned - stock[0] + 60
+    assert _prompt_tokens(server, 1, mm_processor_kwargs={"promprune": {"keep": 7, "method": "fps"}}) == (
+        unpruned - stock[0] + 7
+    )
+
+
+def test_one_budget_per_image(served: tuple[str, ServerProcess]) -> None:
+    family, server = served
+    stock = STOCK_TOKENS[family]
+    unpruned = _prompt_tokens(server, 2, vllm_xargs={"promprune_keep": 100_000})
+    pruned = _prompt_tokens(server, 2, vllm_xargs={"promprune_keep": [10, 30]})
+    assert pruned == unpruned - sum(stock) + 40
+    wrong = _chat(server, 2, vllm_xargs={"promprune_keep": [10]})
+    assert wrong.status_code == 400
+    assert "promprune.keep: a list needs one value per image" in wrong.json()["error"]["message"]
+    assert _prompt_tokens(server, 1) > 0  # still serving

@@ -1,0 +1,267 @@
+"""Glue shared by every pruned model family.
+
+Processor side (`PruningProcessorMixin`): strip the settings before the HF
+processor sees them, attach them to every image as a uint8 field, and shorten
+each image's placeholder run to `PruneSettings.kept_tokens(N)`. Model side:
+`pruned_image_embeddings` is the one skeleton of every family's image
+embedding (decode the settings, metrics, the stock path when nothing prunes,
+the tower in micro-batches sized to what memory profiling covered, a row count
+check per image); the family feeds it its tower-and-prune step, which prunes
+with `SELECTION_HOOKS` (metrics and the last-resort guard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.inputs import ProcessorInputs
+from vllm.multimodal.processing.processor import MultiModalIsCached
+
+from ...methods import TokenBatch
+from ...settings import (
+    SETTINGS_KEY,
+    PruneSettings,
+    check_per_image_lengths,
+    parse_image_settings,
+    select_images,
+)
+from .. import metrics
+
+SETTINGS_FIELD = "promprune_settings"
+"""Name of the per-image multimodal kwarg carrying the encoded settings."""
+
+logger = init_logger(__name__)
+
+
+def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The kwargs minus the pruning settings: the HF processor must not see them, and
+    vLLM caches HF processors keyed by these kwargs (lists in settings are unhashable)."""
+    return {k: v for k, v in hf_kwargs.items() if k != SETTINGS_KEY}
+
+
+class UnprunedMaxTokensMixin:
+    """Mix into a `BaseProcessingInfo` subclass (first in the bases).
+
+    Reports the UNPRUNED worst-case tokens per image, so memory profiling and the
+    encoder-cache size stay worst-case even when a server default budget would
+    shorten the dummy profiling prompt.
+    """
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.get_max_image_tokens()}
+
+
+class PruningProcessorMixin:
+    """Mix into a vLLM `BaseMultiModalProcessor` subclass (put it first in the bases)."""
+
+    option_defaults: ClassVar[Mapping[str, object]] = {}
+    """Model-family defaults for method options (e.g. PromPrune's mu)."""
+    tower_inputs: ClassVar[frozenset[str]] = frozenset(TokenBatch._fields)
+    """The `TokenBatch` inputs this family's tower provides (methods needing others are refused)."""
+    tower_name: ClassVar[str] = "this model's vision tower"
+
+    def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object], num_images: int) -> list[PruneSettings]:
+        """Validated settings for each of the `num_images` images being processed."""
+        server_default = getattr(self.info.get_hf_config(), SETTINGS_KEY, None)
+        settings = parse_image_settings(
+            hf_processor_mm_kwargs.get(SETTINGS_KEY), num_images, server_default, self.option_defaults
+        )
+        for image_settings in settings:
+            image_settings.check_inputs(self.tower_inputs, self.tower_name)
+        return settings
+
+    def _get_cache_missing_processor_kwargs(
+        self, inputs: ProcessorInputs, mm_is_cached: MultiModalIsCached
+    ) -> Mapping[str, object]:
+        # vLLM processes only the images missing from its processor cache, numbered
+        # from 0: per-image budget lists must be cut down to those images.
+        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
+        raw = kwargs.get(SETTINGS_KEY)
+        if not isinstance(raw, Mapping):
+            return kwargs
+        cached = mm_is_cached.get("image", [])
+        check_per_image_lengths(raw, len(cached))
+        missing = [image for image, is_cached in enumerate(cached) if not is_cached]
+        return {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
+
+    def num_images(self, processed_data: BatchFeature) -> int:
+        """How many images the HF processor output holds (LLaVA layout; Qwen overrides)."""
+        images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
+        return 0 if images is None else len(images)
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        return super()._call_hf_processor(hf_data, without_settings(hf_kwargs))
+
+    def _postprocess_hf_mm_data(
+        self,
+        mm_inputs: Mapping[str, object],
+        hf_processor_mm_kwargs: Mapping[str, object],
+        processed_data: BatchFeature,
+    ) -> BatchFeature:
+        processed = super()._postprocess_hf_mm_data(mm_inputs, without_settings(hf_processor_mm_kwargs), processed_data)
+        settings = self.prune_settings(hf_processor_mm_kwargs, self.num_images(processed))
+        processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
+        return processed
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, without_settings(hf_processor_mm_kwargs)))
+        fields[SETTINGS_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def content_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_stock: int) -> int:
+        """Selectable tokens of image `item_idx`, whose stock placeholder run is `num_stock`.
+
+        All of them by default; families with layout tokens (LLaVA-NeXT newlines) override.
+        """
+        return num_stock
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, without_settings(hf_processor_mm_kwargs), out_mm_kwargs)
+        settings = self.prune_settings(hf_processor_mm_kwargs, mm_items.get_count("image", strict=False))
+        if not any(image_settings.has_budget for image_settings in settings):
+            return updates
+        return [self._shortened(update, settings, mm_items) if update.modality == "image" else update for update in updates]
+
+    def _shortened(
+        self, update: PromptUpdate, settings: Sequence[PruneSettings], mm_items: MultiModalDataItems
+    ) -> PromptUpdate:
+        """The same update with image i's placeholder run cut to `settings[i].placeholders`."""
+
+        def replacement(item_idx: int) -> list[int]:
+            if isinstance(mm_items.get("image"), ImageEmbeddingItems):
+                raise ValueError(
+                    "promprune.keep: pruning needs image pixels; it cannot apply to "
+                    "precomputed image_embeds (omit keep/ratio for such requests)"
+                )
+            content = update.replacement
+            tokens = content(item_idx) if callable(content) else content
+            if not isinstance(tokens, list) or len(set(tokens)) != 1:
+                raise TypeError("pruning supports a replacement made of one repeated image token")
+            num_content = self.content_tokens(mm_items, item_idx, len(tokens))
+            return tokens[: settings[item_idx].placeholders(num_content, len(tokens))]
+
+        return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+
+def profiled_items_per_batch(vllm_config: VllmConfig, tokens_per_item: int, modality: str = "image") -> int:
+    """How many items vLLM's encoder memory profile runs at once.
+
+    Mirrors `MultiModalBudget` with the UNPRUNED per-item token count: the
+    scheduler charges a pruned image only K tokens, so it may hand the tower
+    many more images than profiling measured.
+    """
+    scheduler = vllm_config.scheduler_config
+    model = vllm_config.model_config
+    budget = min(
+        max(scheduler.max_num_encoder_input_tokens, tokens_per_item),
+        max(scheduler.encoder_cache_size, tokens_per_item),
+    )
+    limit = model.multimodal_config.get_limit_per_prompt(modality)
+    per_prompt = max(1, min(limit, model.max_model_len // tokens_per_item))
+    max_requests = scheduler.max_num_seqs
+    if not scheduler.enable_chunked_prefill:
+        max_requests = min(max_requests, scheduler.max_num_batched_tokens // tokens_per_item)
+    return max(1, min(budget // tokens_per_item, max_requests * per_prompt))
+
+
+def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
+    """Per-item settings from the SETTINGS_FIELD kwarg (stacked tensor or list)."""
+    if field is None:
+        raise ValueError(f"missing {SETTINGS_FIELD}: the pruned processor always emits it")
+    settings = [PruneSettings.from_tensor(item) for item in field]
+    if len(settings) != num_items:
+        raise ValueError(f"{SETTINGS_FIELD} has {len(settings)} items for {num_items} images")
+    return settings
+
+
+def report_selection_failure(settings: PruneSettings, num_images: int, error: BaseException) -> None:
+    """Last-resort guard's report: one log line (with the traceback the first time a
+    method fails in this process) and the failures counter."""
+    first = settings.method not in _FAILED_METHODS
+    _FAILED_METHODS.add(settings.method)
+    logger.error(
+        "promprune: selection raised for %d image(s) with settings %s; they fall back to "
+        "evenly strided tokens (the other requests are unaffected): %s: %s",
+        num_images, settings.model_dump_json(), type(error).__name__, error, exc_info=error if first else None,
+    )
+    metrics.record_selection_failure(settings.method)
+
+
+_FAILED_METHODS: set[str] = set()
+
+SELECTION_HOOKS: Mapping[str, Any] = {
+    "on_selection": metrics.record_selection,
+    "on_failure": report_selection_failure,
+}
+"""Keyword arguments of `pruning.prune_images*` / `anyres.prune_anyres` inside the engine."""
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What the skeleton needs to know of one image before its tower runs."""
+
+    num_content: int  # selectable tokens N
+    num_stock: int  # placeholders of the unpruned image (N plus layout tokens)
+    tower_cost: int  # units of the family's micro-batch budget (images, views or patches)
+
+
+def micro_batches(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive item ranges costing at most `budget` (at least one item each)."""
+    ranges, start, total = [], 0, 0
+    for item, cost in enumerate(costs):
+        if item > start and total + cost > budget:
+            ranges.append((start, item))
+            start, total = item, 0
+        total += cost
+    ranges.append((start, len(costs)))
+    return ranges
+
+
+EmbedImages = Callable[[int, int, Sequence[PruneSettings]], list[torch.Tensor]]
+"""`embed(start, stop, settings)`: the LLM rows of images start..stop-1 (pruned or not)."""
+
+
+def pruned_image_embeddings(
+    field: Any,
+    geometry: Sequence[ImageGeometry],
+    budget: int,
+    stock: Callable[[], Sequence[torch.Tensor]],
+    embed: EmbedImages,
+) -> list[torch.Tensor]:
+    """Every family's image embeddings, one [rows, D] tensor per image.
+
+    Decodes the settings `field`, counts each image's tokens before and after, and
+    returns `stock()` (vLLM's own path, bit-identical) when no image prunes.
+    Otherwise runs `embed` over micro-batches of at most `budget` tower units and
+    checks that each image returns exactly as many rows as it has placeholders
+    (vLLM would silently use the first rows if there were more).
+    """
+    settings = decode_settings(field, len(geometry))
+    for image_settings, image in zip(settings, geometry):
+        metrics.record_image(image_settings, image.num_content, image.num_stock)
+    if not any(s.prunes(image.num_content) for s, image in zip(settings, geometry)):
+        return list(stock())
+    rows: list[torch.Tensor] = []
+    for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
+        rows.extend(embed(start, stop, settings[start:stop]))
+    for index, (image_rows, image_settings, image) in enumerate(zip(rows, settings, geometry, strict=True)):
+        expected = image_settings.placeholders(image.num_content, image.num_stock)
+        if image_rows.shape[0] != expected:
+            raise AssertionError(f"image {index}: {image_rows.shape[0]} rows for {expected} placeholders")
+    return rows

@@ -1,0 +1,171 @@
+"""Qwen2.5-VL pieces shared by the vLLM model and the transformers reference (no vLLM import).
+
+Saliency. Qwen2.5-VL's tower has no CLS token, so a merged token's saliency is
+the attention its patches RECEIVE: the softmax attention of every query patch
+of the image, averaged over queries and heads, at the tower's last
+full-attention block (`max(fullatt_block_indexes)`, the last block of
+Qwen2.5-VL-7B). The penultimate block is a window-attention block whose
+attention only spans a 112 x 112 px window, so scores from different windows
+would not be comparable; the last full-attention block is the deepest layer
+where every patch attends over the whole image. The tower runs in window
+order; scores are averaged over each 2 x 2 merge group (4 consecutive patches
+in that order) and mapped back to the raster order of the merged tokens.
+
+Positions. A kept token keeps its true M-RoPE position: (t, h, w) of its merged
+grid cell offset by the image's start. vLLM fixes a request's positions when the
+request arrives, before the tower has chosen the tokens, so the model lays out
+each pruned image's K slots at the image start and every token after the image
+exactly where the unpruned model puts it (`mrope_positions`), and each kept
+token's embedding carries its (t, h, w) grid offset in `OFFSET_COLUMNS` extra
+columns that are added to the positions in the forward pass that consumes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..methods.promprune import QWEN2_5_VL_MU
+from ..pruning import TowerOutput
+
+QWEN_OPTION_DEFAULTS = {"mu": QWEN2_5_VL_MU}
+"""Method-option defaults for Qwen2.5-VL (PromPrune's entropy threshold for its tower, methods.md)."""
+
+QWEN_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features"})
+"""The `TokenBatch` inputs Qwen's tower provides: no CLS token, no saliency-layer keys."""
+QWEN_TOWER_NAME = "Qwen2.5-VL's vision tower (no CLS token, no saliency-layer keys)"
+
+OFFSET_COLUMNS = 6
+"""Extra embedding columns: (t, h, w) offsets, each as (value // 256, value % 256)."""
+_BASE = 256  # integers below 256 are exact in bfloat16
+
+
+class Media(NamedTuple):
+    """One image or video in a prompt."""
+
+    offset: int  # index of its first placeholder
+    length: int  # placeholders (K when pruned)
+    grid: tuple[int, int, int]  # merged grid (t, h, w)
+    t_factor: float = 1.0  # temporal position step per frame group (videos)
+
+    def grid_positions(self) -> torch.Tensor:
+        """[3, t*h*w] (t, h, w) offsets of every grid cell in raster order, as stock."""
+        t, h, w = self.grid
+        cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        cells = cells.reshape(3, -1)
+        cells[0] = (cells[0] * self.t_factor).long()
+        return cells
+
+
+def mrope_positions(num_tokens: int, media: Sequence[Media]) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, num_tokens] of a prompt and the delta for generated tokens.
+
+    Text advances by one; an unpruned item's tokens get their grid positions;
+    a pruned item's K slots all get its start position (offsets are added by the
+    model later). Either way the next token starts one past the largest
+    position of the item's FULL grid, as in the unpruned model.
+    """
+    parts = []
+    cursor, next_position = 0, 0
+    for item in sorted(media, key=lambda m: m.offset):
+        text = item.offset - cursor
+        parts.append(torch.arange(text).expand(3, -1) + next_position)
+        start = next_position + text
+        cells = item.grid_positions()
+        if item.length == cells.shape[1]:
+            parts.append(cells + start)
+        else:
+            parts.append(torch.full((3, item.length), start))
+        next_position = start + int(cells.max()) + 1
+        cursor = item.offset + item.length
+    parts.append(torch.arange(num_tokens - cursor).expand(3, -1) + next_position)
+    next_position += num_tokens - cursor
+    return torch.cat(parts, dim=1), next_position - num_tokens
+
+
+def grid_offsets(kept: torch.Tensor, grid_width: int) -> torch.Tensor:
+    """[K, 3] (t, h, w) offsets of kept merged tokens given their raster index (images: t = 0)."""
+    return torch.stack([torch.zeros_like(kept), kept // grid_width, kept % grid_width], dim=1)
+
+
+def encode_offsets(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[K, 3] integer offsets -> [K, OFFSET_COLUMNS] columns exact in `dtype` (bf16 included)."""
+    return torch.cat([offsets // _BASE, offsets % _BASE], dim=1).to(dtype)
+
+
+def decode_offsets(columns: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_offsets`: [K, OFFSET_COLUMNS] -> [K, 3] long."""
+    high, low = columns.round().long().split(3, dim=1)
+    return high * _BASE + low
+
+
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, cu_seqlens: Sequence[int], scale: float, chunk_elements: int = 2**26
+) -> torch.Tensor:
+    """Attention each patch receives, averaged over query patches and heads.
+
+    Args:
+        query, key: [L, H, d] (rotary embedding applied), patches of several
+            sequences packed along L.
+        cu_seqlens: sequence boundaries [0, ..., L] (one sequence per image).
+        scale: softmax scale (d ** -0.5).
+        chunk_elements: bound on the attention-probability block held at once.
+
+    Returns:
+        [L] float32.
+    """
+    received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
+    heads = query.shape[1]
+    for start, stop in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        q, k = query[start:stop].float(), key[start:stop].float()
+        length = stop - start
+        rows = max(1, chunk_elements // (length * heads))
+        total = torch.zeros(length, dtype=torch.float32, device=query.device)
+        for row in range(0, length, rows):
+            logits = torch.einsum("qhd,khd->hqk", q[row : row + rows], k) * scale
+            total += logits.softmax(dim=-1).sum(dim=(0, 1))
+        received[start:stop] = total / (heads * length)
+    return received
+
+
+def to_merged_raster(window_ordered: torch.Tensor, reverse_indices: torch.Tensor, unit: int) -> torch.Tensor:
+    """[L, ...] patch rows in window order -> [L / unit, unit, ...] merge groups in raster order."""
+    groups = window_ordered.reshape(window_ordered.shape[0] // unit, unit, *window_ordered.shape[1:])
+    return groups[reverse_indices]
+
+
+def merged_tower_outputs(
+    received: torch.Tensor, merger_input: torch.Tensor, reverse_indices: torch.Tensor, unit: int, sizes: Sequence[int]
+) -> list[TowerOutput]:
+    """Per image, the pruning inputs of its merged tokens (raster order).
+
+    Args:
+        received: [L] attention each patch receives (`received_attention`), window order.
+        merger_input: [L, Dv] the patch merger's input, window order.
+        reverse_indices: window order -> raster order of the merge groups.
+        unit: patches per merge group (4). sizes: merged tokens per image.
+
+    Returns:
+        `hidden` [1, N + 1, unit * Dv]: a zero row (there is no CLS token) then
+        each merge group's concatenated patches; `saliency` [1, N]: the received
+        attention averaged over the group; no keys.
+    """
+    saliency = to_merged_raster(received, reverse_indices, unit).mean(dim=1)
+    pre_features = to_merged_raster(merger_input, reverse_indices, unit).flatten(1)
+    return [
+        TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
+        for pre, scores in zip(pre_features.split(list(sizes)), saliency.split(list(sizes)))
+    ]
+
+
+def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[..., unit * Dv] merge groups -> [..., D] LLM embeddings through the tower's own
+    patch merger (vLLM's or transformers': both take [rows, Dv] and merge `unit` rows)."""
+    width = merger.ln_q.weight.shape[0]
+
+    def project(groups: torch.Tensor) -> torch.Tensor:
+        return merger(groups.reshape(-1, width)).view(*groups.shape[:-1], -1)
+
+    return project

