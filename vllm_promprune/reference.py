@@ -9,6 +9,7 @@ vLLM path uses, so agreement checks that recomputation too.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -148,29 +149,40 @@ class PrunedLlavaNextReference(PrunedLlavaReference):
         return embeddings
 
 
-class PrunedQwen2_5_VLReference:
-    """Wraps an HF `Qwen2_5_VLForConditionalGeneration` loaded with attn_implementation="eager".
+class PrunedQwen2VLReference:
+    """Wraps an HF `Qwen2VLForConditionalGeneration` (or, as the subclass, Qwen2.5-VL)
+    loaded with attn_implementation="eager".
 
-    Saliency comes from transformers' own vision blocks (block inputs captured by
-    hooks, window order undone with transformers' own window index), and the
-    pruned prompt's positions are transformers' `get_rope_index` positions of
-    the UNPRUNED prompt with the dropped image tokens' columns removed, so
+    Saliency comes from transformers' own vision blocks (the saliency block's
+    input captured by hooks, merge groups put in raster order), and the pruned
+    prompt's positions are transformers' `get_rope_index` positions of the
+    UNPRUNED prompt with the dropped image tokens' columns removed, so
     agreement with vLLM checks vLLM's position scheme independently.
     """
+
+    modeling = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+    """The transformers module whose `apply_rotary_pos_emb_vision` the tower uses."""
 
     def __init__(self, model, processor) -> None:  # noqa: ANN001 (transformers types)
         self.model = model.eval()
         self.processor = processor
         self.config = model.config
 
+    def saliency_block(self, visual: torch.nn.Module) -> torch.nn.Module:
+        """The block whose received attention is the saliency: the last (all attend globally)."""
+        return visual.blocks[-1]
+
+    def raster_order(self, visual: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merge groups in the tower's row order -> raster order (Qwen2-VL: already raster)."""
+        return torch.arange(int(grid_thw.prod(-1).sum()) // visual.spatial_merge_size**2)
+
     @torch.inference_mode()
     def tower_outputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[TowerOutput]:
         """Per image: merger inputs (zero row first: no CLS) and pooled received attention."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-        from transformers.vision_utils import get_vision_window_index
+        apply_rotary_pos_emb_vision = importlib.import_module(self.modeling).apply_rotary_pos_emb_vision
 
         visual = self.model.model.visual
-        block = visual.blocks[max(visual.fullatt_block_indexes)]
+        block = self.saliency_block(visual)
         captured: dict[str, object] = {}
         hooks = [
             block.register_forward_pre_hook(
@@ -192,13 +204,9 @@ class PrunedQwen2_5_VLReference:
         )
         query, key = apply_rotary_pos_emb_vision(query, key, *kwargs["position_embeddings"])
         received = received_attention(query, key, kwargs["cu_seqlens"].tolist(), attention.scaling)
-        window_index, _ = get_vision_window_index(
-            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-            patch_size=visual.patch_size,
-        )
-        unit = visual.spatial_merge_unit
+        unit = visual.spatial_merge_size**2
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        return merged_tower_outputs(received, captured["merger"], torch.argsort(window_index), unit, sizes)
+        return merged_tower_outputs(received, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
 
     @torch.inference_mode()
     def greedy(
@@ -244,3 +252,22 @@ class PrunedQwen2_5_VLReference:
         embeds[0, pruned_ids == image_token] = torch.cat(rows).to(embeds.dtype)
         generated = greedy_decode(self.model, embeds, max_new_tokens, pruned_positions)
         return pruned_ids.tolist(), generated, pruned_positions
+
+
+class PrunedQwen2_5_VLReference(PrunedQwen2VLReference):
+    """`PrunedQwen2VLReference` for Qwen2.5-VL: saliency at the last full-attention block,
+    window order undone with transformers' own window index."""
+
+    modeling = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+
+    def saliency_block(self, visual: torch.nn.Module) -> torch.nn.Module:
+        return visual.blocks[max(visual.fullatt_block_indexes)]
+
+    def raster_order(self, visual: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        return torch.argsort(window_index)

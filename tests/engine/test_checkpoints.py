@@ -88,3 +88,20 @@ def test_qwen2_5_vl_checkpoint_has_real_geometry(tmp_path: Path) -> None:
     inputs = processor(images=[scene_image(0, 448, 448)], text=text, return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]  # 448 / 14 patches per side
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4  # 2x2 merge
+
+
+def test_qwen2_vl_checkpoint_has_real_geometry(tiny_qwen2_vl: Path) -> None:
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vllm_promprune.testing.synthetic import scene_image
+
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    assert sum(text_config.rope_parameters["mrope_section"]) == text_config.hidden_size // text_config.num_attention_heads // 2
+    assert vision_config.hidden_size == text_config.hidden_size  # Qwen2-VL: the merger's output width
+    assert vision_config.hidden_act == "quick_gelu"  # what vLLM's Qwen2-VL tower hard-codes
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    inputs = processor(images=[scene_image(0, 448, 448)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4

@@ -1,4 +1,4 @@
-"""`vllm-promprune serve` for LLaVA-NeXT and Qwen2.5-VL: per-request budgets through the OpenAI API."""
+"""`vllm-promprune serve` for LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL: per-request budgets through the OpenAI API."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ SIZES = [(672, 336), (336, 672)]
 STOCK_TOKENS = {
     "llava-next": [anyres_layout(h, w, ANYRES_PINPOINTS, 336, 14).num_stock_tokens for w, h in SIZES],
     "qwen2.5-vl": [(w // 28) * (h // 28) for w, h in SIZES],  # merged 28 x 28 px cells
+    "qwen2-vl": [(w // 28) * (h // 28) for w, h in SIZES],
 }
+CHECKPOINTS = {"llava-next": "tiny_llava_next", "qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl"}
 
 
 @pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
     family = request.param
-    model = request.getfixturevalue("tiny_llava_next" if family == "llava-next" else "tiny_qwen2_5_vl")
+    model = request.getfixturevalue(CHECKPOINTS[family])
     args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", "tiny",
             "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--keep", "24"]
     log = tmp_path_factory.mktemp("server") / f"{family}.log"

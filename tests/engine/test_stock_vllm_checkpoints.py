@@ -1,4 +1,4 @@
-"""The offline LLaVA-NeXT and Qwen2.5-VL checkpoints load and run in stock vLLM.
+"""The offline LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL checkpoints load and run in stock vLLM.
 
 Their prompts expand exactly as the transformers processor expands them, for a
 square, a wide and a tall image (LLaVA-NeXT: different AnyRes grids).
@@ -21,6 +21,7 @@ CASES = {
         [(448, 448), (672, 224), (224, 672)],
     ),
 }
+CASES["qwen2-vl"] = CASES["qwen2.5-vl"]
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -9,6 +9,7 @@ from vllm_promprune.families.qwen_vision import (
     Media,
     decode_offsets,
     encode_offsets,
+    frame_bounds,
     grid_offsets,
     mrope_positions,
     received_attention,
@@ -70,3 +71,11 @@ def test_to_merged_raster_undoes_the_window_permutation() -> None:
     window_ordered = raster_patches[window_index].flatten()
     groups = to_merged_raster(window_ordered, torch.argsort(window_index), unit=4)
     assert torch.equal(groups, raster_patches)
+
+
+def test_frame_bounds_are_one_full_attention_sequence_per_frame() -> None:
+    grids = [(1, 4, 6), (2, 2, 2), (1, 14, 10)]
+    # transformers' Qwen2.5-VL tower: cu_seqlens = [0, cumsum(repeat_interleave(h * w, t))]
+    grid = torch.tensor(grids)
+    expected = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).cumsum(0)
+    assert frame_bounds(grids) == [0, *expected.tolist()] == [0, 24, 28, 32, 172]

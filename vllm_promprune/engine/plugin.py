@@ -24,6 +24,7 @@ PRUNED_ARCHITECTURES: Mapping[str, str] = {
     "LlavaForConditionalGeneration": "PromPruneLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "PromPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "PromPruneQwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "PromPruneQwen2VLForConditionalGeneration",
 }
 _MODEL_CLASSES: Mapping[str, str] = {
     "PromPruneLlavaForConditionalGeneration": "vllm_promprune.engine.models.llava:PromPruneLlavaForConditionalGeneration",
@@ -32,6 +33,9 @@ _MODEL_CLASSES: Mapping[str, str] = {
     ),
     "PromPruneQwen2_5_VLForConditionalGeneration": (
         "vllm_promprune.engine.models.qwen2_5_vl:PromPruneQwen2_5_VLForConditionalGeneration"
+    ),
+    "PromPruneQwen2VLForConditionalGeneration": (
+        "vllm_promprune.engine.models.qwen2_vl:PromPruneQwen2VLForConditionalGeneration"
     ),
 }
 

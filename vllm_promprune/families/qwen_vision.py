@@ -35,7 +35,7 @@ QWEN_OPTION_DEFAULTS = {"mu": QWEN2_5_VL_MU}
 
 QWEN_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features"})
 """The `TokenBatch` inputs Qwen's tower provides: no CLS token, no saliency-layer keys."""
-QWEN_TOWER_NAME = "Qwen2.5-VL's vision tower (no CLS token, no saliency-layer keys)"
+QWEN_TOWER_NAME = "the Qwen-VL vision tower (no CLS token, no saliency-layer keys)"
 
 OFFSET_COLUMNS = 6
 """Extra embedding columns: (t, h, w) offsets, each as (value // 256, value % 256)."""
@@ -101,6 +101,20 @@ def decode_offsets(columns: torch.Tensor) -> torch.Tensor:
     return high * _BASE + low
 
 
+def frame_bounds(grid_thw: Sequence[Sequence[int]]) -> list[int]:
+    """Boundaries [0, ..., L] of the tower's full-attention sequences: one per frame
+    (t of them per item, h * w patches each), for items of patch grid (t, h, w).
+
+    Derived from the grid rather than read from vLLM's encoder metadata, whose
+    `cu_seqlens` some attention backends rescale (FlashInfer: by the head width).
+    """
+    bounds = [0]
+    for t, h, w in grid_thw:
+        for _ in range(int(t)):
+            bounds.append(bounds[-1] + int(h) * int(w))
+    return bounds
+
+
 def received_attention(
     query: torch.Tensor, key: torch.Tensor, cu_seqlens: Sequence[int], scale: float, chunk_elements: int = 2**26
 ) -> torch.Tensor:
@@ -109,7 +123,7 @@ def received_attention(
     Args:
         query, key: [L, H, d] (rotary embedding applied), patches of several
             sequences packed along L.
-        cu_seqlens: sequence boundaries [0, ..., L] (one sequence per image).
+        cu_seqlens: sequence boundaries [0, ..., L] (`frame_bounds`: one sequence per image).
         scale: softmax scale (d ** -0.5).
         chunk_elements: bound on the attention-probability block held at once.
 

@@ -310,22 +310,19 @@ QWEN_SIZES: dict[str, QwenSize] = {
 }
 
 
-def build_qwen2_5_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write an offline Qwen2.5-VL checkpoint (window attention, M-RoPE) to `out`."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _qwen_processor_and_text(
+    processor_class: type, size: str, seed: int
+) -> tuple[object, dict[str, object], dict[str, int]]:
+    """The Qwen-family processor (its real image and video processors, a ChatML
+    tokenizer with Qwen's vision tokens), the text config and the special token ids."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     geometry = QWEN_SIZES[size]
     tokenizer = build_qwen_tokenizer(geometry.vocab_size, seed)
     tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
     # Pixel limits keep test images small: at most 640 merged tokens per image.
     pixel_limits = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 640)
-    processor = Qwen2_5_VLProcessor(
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**pixel_limits),
         video_processor=Qwen2VLVideoProcessor(**pixel_limits),
         tokenizer=tokenizer,
@@ -335,21 +332,31 @@ def build_qwen2_5_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
     )}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=geometry.text_hidden,
+        intermediate_size=geometry.text_intermediate,
+        num_hidden_layers=geometry.text_layers,
+        num_attention_heads=geometry.text_heads,
+        num_key_value_heads=geometry.text_kv_heads,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": list(geometry.mrope_section)},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return processor, text, special
+
+
+def build_qwen2_5_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline Qwen2.5-VL checkpoint (window attention, M-RoPE) to `out`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    geometry = QWEN_SIZES[size]
+    processor, text, special = _qwen_processor_and_text(Qwen2_5_VLProcessor, size, seed)
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=geometry.text_hidden,
-            intermediate_size=geometry.text_intermediate,
-            num_hidden_layers=geometry.text_layers,
-            num_attention_heads=geometry.text_heads,
-            num_key_value_heads=geometry.text_kv_heads,
-            max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": list(geometry.mrope_section)},
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=text,
         vision_config=dict(
             depth=geometry.vision_depth,
             hidden_size=geometry.vision_hidden,
@@ -364,4 +371,34 @@ def build_qwen2_5_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     return _save(Qwen2_5_VLForConditionalGeneration, config, processor, out, "qwen2.5-vl", size, seed)
 
 
-BUILDERS = {"llava": build_llava, "llava-next": build_llava_next, "qwen2.5-vl": build_qwen2_5_vl}
+def build_qwen2_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline Qwen2-VL checkpoint (full attention in every vision block, M-RoPE) to `out`.
+
+    Qwen2-VL's vision config names the ViT width `embed_dim` and the LLM width
+    `hidden_size`; its MLP is QuickGELU (vLLM hard-codes it), width embed_dim * mlp_ratio.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    geometry = QWEN_SIZES[size]
+    processor, text, special = _qwen_processor_and_text(Qwen2VLProcessor, size, seed)
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=geometry.vision_depth,
+            embed_dim=geometry.vision_hidden,
+            hidden_size=geometry.text_hidden,
+            num_heads=geometry.vision_heads,
+            mlp_ratio=geometry.vision_intermediate // geometry.vision_hidden,
+        ),
+        tie_word_embeddings=False,
+        **special,
+    )
+    return _save(Qwen2VLForConditionalGeneration, config, processor, out, "qwen2-vl", size, seed)
+
+
+BUILDERS = {
+    "llava": build_llava,
+    "llava-next": build_llava_next,
+    "qwen2.5-vl": build_qwen2_5_vl,
+    "qwen2-vl": build_qwen2_vl,
+}

@@ -140,12 +140,14 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..testing.checkpoints import BUILDERS
+
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="vllm-promprune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build-model", help="build an offline checkpoint (random seeded weights)")
-    build.add_argument("--family", choices=["llava", "llava-next", "qwen2.5-vl"], required=True)
+    build.add_argument("--family", choices=list(BUILDERS), required=True)
     build.add_argument("--size", choices=["tiny", "small"], default="tiny")
     build.add_argument("--out", required=True)
     build.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,6 @@
-"""Pruned Qwen2.5-VL inside the real vLLM engine, on the tiny offline checkpoint.
+"""Pruned Qwen2-VL and Qwen2.5-VL inside the real vLLM engine, on the tiny offline
+checkpoints (every test runs for both families; vLLM's EVS video pruning, which only
+Qwen2.5-VL has, is in test_engine_qwen2_5_vl_evs.py).
 
 Positions are checked directly: the positions vLLM's language model receives
 (recorded with `LLM.apply_model`) must equal transformers' `get_rope_index`
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -55,10 +58,7 @@ ENGINE_ARGS = dict(
 # (width, height) -> merged grid (h, w): square 16 x 16, wide 8 x 24, tall 24 x 8.
 SIZES = {"square": (448, 448), "wide": (672, 224), "tall": (224, 672)}
 GRIDS = {"square": (16, 16), "wide": (8, 24), "tall": (24, 8)}
-# Textured images (Hn 0.84..0.86) whose selections under the settings below keep margins
-# above float noise (checked by test_reference_cases_have_margins).
-REFERENCE_SEEDS = {"square": 10, "wide": 9, "tall": 38}
-CASES = ImageCases(PROMPT, SIZES, REFERENCE_SEEDS)
+CASES = ImageCases(PROMPT, SIZES, {})  # scenes and requests; textured reference images per family below
 REFERENCE_SETTINGS = [
     {"keep": 64},  # PromPrune, mu 0.5744 (Qwen default) < Hn: all coverage (DPP)
     {"keep": 40, "mu": 0.0},  # all coverage (DPP)
@@ -73,8 +73,37 @@ REFERENCE_SETTINGS = [
 ]
 # The other comparisons with the reference: images by (size, seed), settings.
 GRID_SETTINGS = {"keep": 50}  # test_kept_tokens_carry_true_grid_positions and the EVS one, reference images
-PREFIX_CASE = ([("square", 7)], {"keep": 200, "mu": 1.0})  # all saliency: 200 DPP picks exceed the LLM width
-TWO_IMAGE_CASE = ([("tall", 5), ("wide", 6)], {"keep": [30, 120]})
+PREFIX_SETTINGS = {"keep": 200, "mu": 1.0}  # all saliency: 200 DPP picks exceed the LLM width
+TWO_IMAGE_SETTINGS = {"keep": [30, 120]}
+
+
+class ReferenceImages(NamedTuple):
+    """A family's textured images (Hn 0.84..0.86) for the reference comparisons, chosen so
+    that their selections keep margins above float noise (checked by
+    test_reference_cases_have_margins; the Qwen2-VL ones were the first seeds whose
+    selections did not move under 1x and 2x the guard's noise, 5 draws each)."""
+
+    seeds: dict[str, int]  # size -> seed of that size's reference image
+    prefix: tuple[str, int]  # the prefix-cache case's image
+    two: tuple[tuple[str, int], tuple[str, int]]  # the two-image case's images
+
+    @property
+    def cases(self) -> ImageCases:
+        return ImageCases(PROMPT, SIZES, self.seeds)
+
+    @property
+    def prefix_case(self) -> tuple[list[tuple[str, int]], dict]:
+        return [self.prefix], PREFIX_SETTINGS
+
+    @property
+    def two_image_case(self) -> tuple[list[tuple[str, int]], dict]:
+        return list(self.two), TWO_IMAGE_SETTINGS
+
+
+REFERENCE_IMAGES = {
+    "qwen2.5-vl": ReferenceImages({"square": 10, "wide": 9, "tall": 38}, ("square", 7), (("tall", 5), ("wide", 6))),
+    "qwen2-vl": ReferenceImages({"square": 95, "wide": 14, "tall": 8}, ("square", 0), (("tall", 0), ("wide", 1))),
+}
 # Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
 # (2026-12-01 on these images: merger input 3.8e-6, received attention 2.3e-10; merged
 # features 2.4e-7, which this noise moves by 3.6e-5). The cases' selections first change at
@@ -106,25 +135,50 @@ def _recording_engine(model: Path, *, pruned: bool, **overrides: float) -> Itera
         yield llm
 
 
+# family -> (checkpoint fixture, transformers class, reference class)
+FAMILIES = {
+    "qwen2.5-vl": ("tiny_qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "PrunedQwen2_5_VLReference"),
+    "qwen2-vl": ("tiny_qwen2_vl", "Qwen2VLForConditionalGeneration", "PrunedQwen2VLReference"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stock_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
-    with _recording_engine(tiny_qwen2_5_vl, pruned=False) as llm:
+def family_images(family: str) -> ReferenceImages:
+    return REFERENCE_IMAGES[family]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(family: str, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(FAMILIES[family][0])
+
+
+@pytest.fixture(scope="module")
+def stock_llm(checkpoint: Path) -> Iterator[object]:
+    with _recording_engine(checkpoint, pruned=False) as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
-def pruned_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
-    with _recording_engine(tiny_qwen2_5_vl, pruned=True) as llm:
+def pruned_llm(checkpoint: Path) -> Iterator[object]:
+    with _recording_engine(checkpoint, pruned=True) as llm:
         yield llm
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_qwen2_5_vl: Path):  # noqa: ANN201
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def reference(family: str, checkpoint: Path):  # noqa: ANN201
+    import transformers
 
-    from vllm_promprune.reference import PrunedQwen2_5_VLReference
+    import vllm_promprune.reference
 
-    return load_reference(tiny_qwen2_5_vl, Qwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VLReference)
+    _, model_class, reference_class = FAMILIES[family]
+    return load_reference(
+        checkpoint, getattr(transformers, model_class), getattr(vllm_promprune.reference, reference_class)
+    )
 
 
 def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN202
@@ -161,36 +215,38 @@ def test_prompt_is_text_plus_k(stock_llm, pruned_llm, size: str) -> None:
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
-def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, size: str) -> None:
+def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, family_images, size: str) -> None:
     """The position check: vLLM's positions vs the grid cells of the kept tokens."""
     settings = GRID_SETTINGS
-    ids, tokens, positions = _solo_with_positions(pruned_llm, CASES.request([CASES.textured(size)], settings))
-    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [CASES.textured(size)], settings)
+    image = family_images.cases.textured(size)
+    ids, tokens, positions = _solo_with_positions(pruned_llm, family_images.cases.request([image], settings))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [image], settings)
     assert (ids, tokens) == (expected_ids, expected_tokens)
     assert torch.equal(positions, expected_positions)
-    image = torch.tensor(ids) == reference.config.image_token_id
-    start = int(positions[0, image].min())
-    rows, cols = positions[1, image] - start, positions[2, image] - start
+    is_image = torch.tensor(ids) == reference.config.image_token_id
+    start = int(positions[0, is_image].min())
+    rows, cols = positions[1, is_image] - start, positions[2, is_image] - start
     h, w = GRIDS[size]
-    assert bool((positions[0, image] == start).all()) and int(rows.max()) < h and int(cols.max()) < w
-    first_text_after = int(image.nonzero().max()) + 1
+    assert bool((positions[0, is_image] == start).all()) and int(rows.max()) < h and int(cols.max()) < w
+    first_text_after = int(is_image.nonzero().max()) + 1
     assert positions[:, first_text_after].tolist() == [start + max(h, w)] * 3  # as in the unpruned prompt
 
 
 @pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
-def test_matches_transformers_reference(pruned_llm, reference, settings: dict) -> None:
-    results = run(pruned_llm, [CASES.request([CASES.textured(size)], settings) for size in SIZES])
+def test_matches_transformers_reference(pruned_llm, reference, family_images, settings: dict) -> None:
+    results = run(pruned_llm, [family_images.cases.request([family_images.cases.textured(size)], settings) for size in SIZES])
     for size, result in zip(SIZES, results):
-        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [CASES.textured(size)], settings)
+        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [family_images.cases.textured(size)], settings)
         assert result == (expected_ids, expected_tokens), size
 
 
-def test_prefix_cache_hit_then_different_question(pruned_llm, reference) -> None:
-    (image,), settings = ([CASES.textured(size, seed) for size, seed in PREFIX_CASE[0]], PREFIX_CASE[1])
+def test_prefix_cache_hit_then_different_question(pruned_llm, reference, family_images) -> None:
+    settings = PREFIX_SETTINGS
+    image = family_images.cases.textured(*family_images.prefix)
     question = f"<|im_start|>user\n{IMAGE}Where is the largest shape?<|im_end|>\n<|im_start|>assistant\n"
-    run(pruned_llm, [CASES.request([image], settings)])
+    run(pruned_llm, [family_images.cases.request([image], settings)])
     pruned_llm.apply_model(take_recorded_positions)
-    output = pruned_llm.generate([CASES.request([image], settings, question)], greedy_params(), use_tqdm=False)[0]
+    output = pruned_llm.generate([family_images.cases.request([image], settings, question)], greedy_params(), use_tqdm=False)[0]
     (positions,) = pruned_llm.apply_model(take_recorded_positions)
     assert output.num_cached_tokens >= 128  # the image's placeholders came from the prefix cache
     expected_ids, expected_tokens, expected_positions = reference.greedy(question, [image], settings)
@@ -199,16 +255,17 @@ def test_prefix_cache_hit_then_different_question(pruned_llm, reference) -> None
     assert torch.equal(positions[:, :computed], expected_positions[:, output.num_cached_tokens :])
 
 
-def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, reference) -> None:
-    images, settings = [CASES.textured(size, seed) for size, seed in TWO_IMAGE_CASE[0]], TWO_IMAGE_CASE[1]
-    ids, tokens, positions = _solo_with_positions(pruned_llm, CASES.request(images, settings, TWO_IMAGES))
+def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, reference, family_images) -> None:
+    images = [family_images.cases.textured(size, seed) for size, seed in family_images.two]
+    settings = TWO_IMAGE_SETTINGS
+    ids, tokens, positions = _solo_with_positions(pruned_llm, family_images.cases.request(images, settings, TWO_IMAGES))
     expected_ids, expected_tokens, expected_positions = reference.greedy(TWO_IMAGES, images, settings)
     assert (ids, tokens) == (expected_ids, expected_tokens)
     assert torch.equal(positions, expected_positions)
     assert sum(1 for t in ids if t == reference.config.image_token_id) == 150
 
 
-def test_reference_cases_have_margins(pruned_llm, reference) -> None:
+def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> None:
     """Guards the comparisons with the reference in this module (see test_engine_llava.py).
 
     Measures the engine-vs-reference difference of the tower outputs (merger inputs,
@@ -221,15 +278,16 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     from vllm_promprune.pruning import prune_images_indexed
     from vllm_promprune.settings import parse_image_settings
 
-    cases = [([(size, REFERENCE_SEEDS[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZES]
-    cases += [PREFIX_CASE, TWO_IMAGE_CASE]
+    cases = [([(size, family_images.seeds[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZES]
+    cases += [family_images.prefix_case, family_images.two_image_case]
     images = sorted({image for case_images, _ in cases for image in case_images})
     towers = {}
     for size, seed in images:
-        inputs = reference.processor(text=[PROMPT], images=[CASES.textured(size, seed)], return_tensors="pt")
+        inputs = reference.processor(text=[PROMPT], images=[family_images.cases.textured(size, seed)], return_tensors="pt")
         (towers[size, seed],) = reference.tower_outputs(inputs["pixel_values"], inputs["image_grid_thw"])
 
-    requests = [CASES.request([CASES.textured(size, seed)], {"keep": 15}) for size, seed in images]  # settings not used before
+    textured = family_images.cases  # requests with settings not used before:
+    requests = [textured.request([textured.textured(size, seed)], {"keep": 15}) for size, seed in images]
     engine = engine_tower_outputs(pruned_llm, requests)
     project = merger_projection(reference.model.model.visual.merger)
     with torch.inference_mode():
@@ -246,12 +304,12 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
 
     for size in SIZES:  # the PromPrune splits the settings claim
         with torch.inference_mode():
-            entropy = spectral_entropy(project(towers[size, REFERENCE_SEEDS[size]].hidden[0, 1:]))
+            entropy = spectral_entropy(project(towers[size, family_images.seeds[size]].hidden[0, 1:]))
         assert saliency_budget(entropy, 64, PromPruneOptions(**QWEN_OPTION_DEFAULTS)) == 0
         assert saliency_budget(entropy, 40, PromPruneOptions(mu=0.0)) == 0
         assert saliency_budget(entropy, 40, PromPruneOptions(mu=1.0)) == 40
     with torch.inference_mode():
-        entropy = spectral_entropy(project(towers[PREFIX_CASE[0][0]].hidden[0, 1:]))
+        entropy = spectral_entropy(project(towers[family_images.prefix_case[0][0]].hidden[0, 1:]))
     assert saliency_budget(entropy, 200, PromPruneOptions(mu=1.0)) == 200
 
     for case_images, raw in cases:
@@ -278,7 +336,7 @@ def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm) -> None:
 
 @pytest.mark.parametrize("method", ["prunesid", "visionzip"])
 def test_methods_needing_a_cls_token_are_refused(pruned_llm, method: str) -> None:
-    with pytest.raises(ValueError, match=rf"promprune\.method '{method}' needs .*Qwen2\.5-VL"):
+    with pytest.raises(ValueError, match=rf"promprune\.method '{method}' needs .*Qwen-VL vision tower"):
         run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8, "method": method})])
     assert len(run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8})])[0][1]) == 8
 
@@ -308,73 +366,3 @@ def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference)
     assert torch.equal(positions[:, :video_end], stock_positions[:, :video_end])  # video and text before the image
     assert torch.equal(positions[:, -5:], stock_positions[:, -5:])  # text after the image: unpruned positions
     assert len(tokens) == 8
-
-
-@pytest.fixture(scope="module")
-def evs_llm(tiny_qwen2_5_vl: Path, pruned_llm) -> Iterator[object]:
-    """vLLM's own video pruning (EVS) next to this plugin's image pruning.
-
-    Depends on `pruned_llm` only to run after that module's other engines exist
-    once (the fixtures are torn down together at the end of the module).
-    """
-    with _recording_engine(tiny_qwen2_5_vl, pruned=True, video_pruning_rate=0.25) as llm:
-        yield llm
-
-
-def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:
-    t, h, w = VIDEO_GRID
-    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=30)}}
-    ids, tokens, positions = _solo_with_positions(evs_llm, request)
-    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
-    assert len(video) == t * h * w * 3 // 4  # EVS at rate 0.25
-    start = int(positions[0, video[0]])
-    cells = positions[:, video] - start
-    first_frame = cells[:, : h * w]  # EVS always keeps every token of the first frame
-    assert torch.equal(first_frame[0], torch.zeros(h * w, dtype=first_frame.dtype))
-    assert torch.equal(first_frame[1:], torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1))
-    later = cells[:, h * w :]
-    assert bool((later[0] == VIDEO_T_STEP).all()) and int(later[1:].max()) < max(h, w)
-    assert len({tuple(cell) for cell in later.T.tolist()}) == later.shape[1]  # distinct grid cells
-    after = int(video.max()) + 1
-    assert positions[:, after].tolist() == [start + max((t - 1) * VIDEO_T_STEP, h - 1, w - 1) + 1] * 3  # as unpruned
-    assert len(tokens) == 8
-
-
-def test_vllm_video_pruning_of_one_temporal_patch_is_positioned_as_stock(evs_llm, stock_llm) -> None:
-    # 2 frames = one temporal patch: EVS keeps every token (it always keeps the first
-    # frame), so the video is unpruned and its slots carry stock grid positions already;
-    # adding EVS's grid offsets on top would double them.
-    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(num_frames=2, seed=40)}}
-    ids, tokens, positions = _solo_with_positions(evs_llm, request)
-    stock_ids, stock_tokens, stock_positions = _solo_with_positions(stock_llm, request)
-    assert ids == stock_ids
-    assert torch.equal(positions, stock_positions)
-    assert tokens == stock_tokens
-
-
-def test_vllm_video_pruning_with_fractional_seconds_per_grid(evs_llm, stock_llm, reference) -> None:
-    # fps 3: second_per_grid_ts = 2/3, time step 2/3 x 4 tokens/s = 8/3, so the second temporal
-    # patch sits at t = floor(8/3) = 2 in the unpruned model (vLLM's own EVS column casts
-    # 2/3 to 0 first and would put it at t = 0).
-    t, h, w = VIDEO_GRID
-    request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=50, fps=3.0)}}
-    ids, _, positions = _solo_with_positions(evs_llm, request)
-    stock_ids, _, stock_positions = _solo_with_positions(stock_llm, request)
-    video = (torch.tensor(ids) == reference.config.video_token_id).nonzero().squeeze(1)
-    stock_video = (torch.tensor(stock_ids) == reference.config.video_token_id).nonzero().squeeze(1)
-    assert len(video) == t * h * w * 3 // 4 and len(stock_video) == t * h * w
-    kept = positions[:, video]
-    assert torch.equal(kept[:, : h * w], stock_positions[:, stock_video[: h * w]])  # first frame: all of it
-    later = kept[:, h * w :] - kept[0, 0]
-    assert bool((later[0] == 2).all())
-    assert {tuple(c) for c in kept.T.tolist()} <= {tuple(c) for c in stock_positions[:, stock_video].T.tolist()}
-    after, stock_after = int(video.max()) + 1, int(stock_video.max()) + 1
-    assert torch.equal(positions[:, after:], stock_positions[:, stock_after:])  # text after: as unpruned
-
-
-def test_image_pruning_next_to_vllm_video_pruning(evs_llm, reference) -> None:
-    settings = GRID_SETTINGS
-    ids, tokens, positions = _solo_with_positions(evs_llm, CASES.request([CASES.textured("tall")], settings))
-    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [CASES.textured("tall")], settings)
-    assert (ids, tokens) == (expected_ids, expected_tokens)
-    assert torch.equal(positions, expected_positions)

@@ -1,0 +1,232 @@
+"""The pruning template of the Qwen families (Qwen2-VL, Qwen2.5-VL): kept tokens at
+their true M-RoPE positions.
+
+Saliency and the position scheme are described in `vllm_promprune.families.qwen_vision`.
+In vLLM terms:
+
+- `get_mrope_input_positions` (run when a request arrives) gives a pruned
+  image's K slots the image's start position and every later token exactly
+  the position the unpruned model gives it.
+- `embed_multimodal` returns, for EVERY image and video, its rows plus
+  `OFFSET_COLUMNS` columns holding each row's (t, h, w) grid offset (zero for
+  unpruned items, whose slots already carry full grid positions). The columns
+  travel with the rows through vLLM's encoder cache, so a chunked prefill that
+  consumes an image over several steps gets each row's own offset.
+- `embed_input_ids` strips the columns and remembers the offsets of this
+  step's multimodal tokens; `forward` adds them to the positions.
+- A prefix-cache hit that covers a whole image skips all of this: its keys are
+  already cached, and the text after it was positioned at arrival.
+
+A family module mixes `PrunedQwenMixin` first into vLLM's model class and
+supplies `tower_outputs` (its tower's forward, replicated to read the saliency
+block's input and the merger's input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec
+
+from ...families.qwen_vision import (
+    OFFSET_COLUMNS,
+    QWEN_OPTION_DEFAULTS,
+    QWEN_TOWER_INPUTS,
+    QWEN_TOWER_NAME,
+    Media,
+    decode_offsets,
+    encode_offsets,
+    frame_bounds,
+    grid_offsets,
+    merger_projection,
+    mrope_positions,
+    received_attention,
+)
+from ...pruning import TowerOutput, prune_images_indexed
+from ...settings import PruneSettings
+from .common import (
+    SELECTION_HOOKS,
+    SETTINGS_FIELD,
+    ImageGeometry,
+    PruningProcessorMixin,
+    profiled_items_per_batch,
+    pruned_image_embeddings,
+)
+
+
+class PrunedQwenProcessorMixin(PruningProcessorMixin):
+    """Mix first into a vLLM Qwen-VL multimodal processor: K placeholders per pruned image."""
+
+    option_defaults = QWEN_OPTION_DEFAULTS
+    tower_inputs = QWEN_TOWER_INPUTS
+    tower_name = QWEN_TOWER_NAME
+
+    def num_images(self, processed_data: BatchFeature) -> int:
+        grids = processed_data.get("image_grid_thw")
+        return 0 if grids is None else len(grids)
+
+
+class PrunedQwenMixin:
+    """Mix first into a vLLM Qwen-VL model class: image embeddings are the K tokens the
+    settings select, every item's rows carry their M-RoPE offsets."""
+
+    # vLLM's runners rewrite positions for EVS-pruned videos when a model declares
+    # this (GPU only); this model positions every item itself, on every device.
+    supports_multimodal_pruning = False
+
+    family_name: ClassVar[str]
+    image_key: ClassVar[str] = "image"
+    """The key of the image input in `_parse_and_validate_multimodal_inputs` (Qwen2-VL: "images")."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.use_data_parallel:
+            raise ValueError(f"pruned {self.family_name} does not support mm_encoder_tp_mode='data'")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # Position offsets are read from the embeddings on the first stage only.
+            raise ValueError(f"pruned {self.family_name} does not support pipeline parallelism")
+        info = MULTIMODAL_REGISTRY.get_processing_info(self.model_config)
+        max_tokens = info.get_max_image_tokens()
+        merge_unit = self.visual.spatial_merge_size**2
+        self.encoder_patch_budget = profiled_items_per_batch(vllm_config, max_tokens) * max_tokens * merge_unit
+        self._pending_offsets: _PendingOffsets | None = None
+
+    def tower_outputs(
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+    ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
+        """Per image: pruning inputs (`merged_tower_outputs`) and the stock merged embeddings [N, D]."""
+        raise NotImplementedError
+
+    # -- positions --------------------------------------------------------
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        ordered = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
+        media = [
+            Media(offset, feature.mm_position.length, (t, h, w), t_factor)
+            for feature, (offset, t, h, w, t_factor) in zip(ordered, self.iter_mm_grid_thw(mm_features))
+        ]
+        return mrope_positions(len(input_tokens), media)
+
+    def get_encoder_cudagraph_config(self):  # noqa: ANN201
+        # Encoder CUDA graphs bypass embed_multimodal, whose rows carry the offset
+        # columns embed_input_ids expects: run the tower eagerly for every modality.
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._pending_offsets = None
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        offsets = decode_offsets(torch.cat([rows[:, -OFFSET_COLUMNS:] for rows in multimodal_embeddings]))
+        if offsets.any():
+            slots = is_multimodal.nonzero().squeeze(1)
+            if len(slots) != len(offsets):
+                raise AssertionError(f"{len(slots)} multimodal slots for {len(offsets)} embedding rows")
+            self._pending_offsets = _PendingOffsets(slots, offsets.T.to(is_multimodal.device), input_ids.shape[0])
+        stripped = [rows[:, :-OFFSET_COLUMNS] for rows in multimodal_embeddings]
+        return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
+        if self._pending_offsets is not None:
+            pending, self._pending_offsets = self._pending_offsets, None
+            # The runner pads a step's tokens for the forward (never truncates them): a
+            # forward shorter than the step whose embeddings set the offsets is another step.
+            if positions.shape[-1] < pending.num_tokens:
+                raise AssertionError(
+                    f"M-RoPE offsets of a {pending.num_tokens}-token step reached a forward of "
+                    f"{positions.shape[-1]} tokens"
+                )
+            positions = positions.clone()
+            positions[:, pending.slots] += pending.offsets
+        return super().forward(input_ids, positions, *args, **kwargs)
+
+    # -- embeddings -------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        field = kwargs.pop(SETTINGS_FIELD, None)
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        embeddings: list[torch.Tensor] = []
+        for modality, modality_input in inputs.items():
+            if modality == self.image_key:
+                embeddings.extend(self._image_rows(modality_input, field))
+            else:
+                embeddings.extend(self._video_rows(modality_input))
+        return embeddings
+
+    def _video_rows(self, video_input: Any) -> list[torch.Tensor]:
+        """Videos as stock vLLM embeds them (not pruned by the plugin), with zero offsets."""
+        return [with_offsets(rows, None) for rows in self._process_video_input(video_input)]
+
+    def _image_rows(self, image_input: Any, field: Any) -> list[torch.Tensor]:
+        if image_input["type"] != "pixel_values":  # embeddings given: nothing to prune
+            return [with_offsets(rows, None) for rows in self._process_image_input(image_input)]
+        grid_thw = image_input["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        patch_counts = [t * h * w for t, h, w in grid_thw]
+        sizes = [count // (merge * merge) for count in patch_counts]
+        project = merger_projection(self.visual.merger)
+
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+            first_patch = sum(patch_counts[:start])
+            pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
+            towers, stock = self.tower_outputs(pixels, grid_thw[start:stop])
+            rows = []
+            for image, tower, stock_rows, image_settings in zip(range(start, stop), towers, stock, settings):
+                if not image_settings.prunes(sizes[image]):
+                    rows.append(with_offsets(stock_rows, None))
+                    continue
+                (pruned,) = prune_images_indexed(tower, [image_settings], project, **SELECTION_HOOKS)
+                rows.append(with_offsets(pruned.rows, grid_offsets(pruned.kept, grid_thw[image][2] // merge)))
+            return rows
+
+        def stock() -> list[torch.Tensor]:
+            return [with_offsets(rows, None) for rows in self._process_image_input(image_input)]
+
+        geometry = [ImageGeometry(size, size, count) for size, count in zip(sizes, patch_counts)]
+        return pruned_image_embeddings(field, geometry, self.encoder_patch_budget, stock, embed)
+
+
+
+def received_saliency(
+    attention: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, grid_thw: list[list[int]]
+) -> torch.Tensor:
+    """Attention each patch receives [L] at a vLLM Qwen vision attention block, from this
+    rank's rotated `query`, `key` [L, H_rank, d], averaged over ALL heads (all-reduced
+    over tensor-parallel ranks, which hold disjoint head shards)."""
+    heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+    received = received_attention(query, key, frame_bounds(grid_thw), head_dim**-0.5)
+    if attention.tp_size > 1:
+        received = tensor_model_parallel_all_reduce(received * heads) / (heads * attention.tp_size)
+    return received
+
+
+class _PendingOffsets(NamedTuple):
+    """M-RoPE offsets from `embed_input_ids`, for the forward of the same step."""
+
+    slots: torch.Tensor  # [M] indices of the step's multimodal tokens
+    offsets: torch.Tensor  # [3, M] (t, h, w) offsets added to their positions
+    num_tokens: int  # tokens of the step that embedded them
+
+
+def with_offsets(rows: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """`rows` [K, D] plus OFFSET_COLUMNS columns encoding [K, 3] offsets (None: zeros)."""
+    if offsets is None:
+        columns = rows.new_zeros(rows.shape[0], OFFSET_COLUMNS)
+    else:
+        columns = encode_offsets(offsets.to(rows.device), rows.dtype)
+    return torch.cat([rows, columns], dim=1)
