@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -55,6 +56,12 @@ class PrunedLlavaReference:
     def pixel_values(self, images: Sequence[object]) -> torch.Tensor:
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return pixel_values.to(self.model.dtype)
+
+    @torch.inference_mode()
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """What PromPrune's split sees for one image: projected tokens [N, D] and saliency [N]."""
+        tower = self.tower_output(self.pixel_values([image]))
+        return self.model.model.multi_modal_projector(tower.hidden[0, 1:]), tower.saliency[0]
 
     @torch.inference_mode()
     def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
@@ -128,6 +135,18 @@ class PrunedLlavaNextReference(PrunedLlavaReference):
     Unpruned images use transformers' own `pack_image_features` (unpad + newlines);
     pruned images use `anyres.prune_anyres` on the same tower outputs.
     """
+
+    @torch.inference_mode()
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's content tokens (base view + unpadded grid, `budget_mode: global`):
+        projected [N, D] and each view's own CLS attention [N]."""
+        processed = self.processor.image_processor([image], return_tensors="pt")
+        height, width = processed["image_sizes"][0].tolist()
+        vision = self.config.vision_config
+        layout = anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+        tower = self.tower_output(processed["pixel_values"][0, : layout.num_views].to(self.model.dtype))
+        patches = tower.hidden[:, 1:].flatten(0, 1)[layout.content_index]
+        return self.model.model.multi_modal_projector(patches), tower.saliency.flatten()[layout.content_index]
 
     @torch.inference_mode()
     def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
@@ -209,6 +228,14 @@ class PrunedQwen2VLReference:
         return merged_tower_outputs(received, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
 
     @torch.inference_mode()
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """What PromPrune's split sees for one image: merged tokens projected by the merger
+        [N, D] and their received attention [N]."""
+        inputs = self.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
+        (tower,) = self.tower_outputs(inputs["pixel_values"], inputs["image_grid_thw"])
+        return merger_projection(self.model.model.visual.merger)(tower.hidden[0, 1:]), tower.saliency[0]
+
+    @torch.inference_mode()
     def greedy(
         self,
         prompt: str,
@@ -271,3 +298,25 @@ class PrunedQwen2_5_VLReference(PrunedQwen2VLReference):
             patch_size=visual.patch_size,
         )
         return torch.argsort(window_index)
+
+
+REFERENCE_CLASSES: Mapping[str, type] = {
+    "LlavaForConditionalGeneration": PrunedLlavaReference,
+    "LlavaNextForConditionalGeneration": PrunedLlavaNextReference,
+    "Qwen2_5_VLForConditionalGeneration": PrunedQwen2_5_VLReference,
+    "Qwen2VLForConditionalGeneration": PrunedQwen2VLReference,
+}
+"""The reference class of each supported transformers architecture."""
+
+
+def load_reference(model: str | Path) -> PrunedLlavaReference | PrunedQwen2VLReference:
+    """The reference for a checkpoint (directory or hub id): its transformers model with
+    eager attention (the references read attention weights) and its processor."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model)
+    architecture = (config.architectures or ["?"])[0]
+    if architecture not in REFERENCE_CLASSES:
+        raise ValueError(f"{model}: architecture {architecture} has no reference; supported: {sorted(REFERENCE_CLASSES)}")
+    hf_model = getattr(transformers, architecture).from_pretrained(model, attn_implementation="eager")
+    return REFERENCE_CLASSES[architecture](hf_model, transformers.AutoProcessor.from_pretrained(model))

@@ -55,15 +55,6 @@ def offline_engine(model_dir: Path, engine_args: dict, *, pruned: bool) -> Itera
         yield llm
 
 
-def load_reference(model_dir: Path, hf_model_class: type, reference_class: type):  # noqa: ANN201
-    """`reference_class` (vllm_promprune.reference) around the transformers model in
-    `model_dir`, eager attention (the references read attention weights)."""
-    from transformers import AutoProcessor
-
-    model = hf_model_class.from_pretrained(model_dir, attn_implementation="eager")
-    return reference_class(model, AutoProcessor.from_pretrained(model_dir))
-
-
 def image_request(prompt: str, images: list, settings: dict | None = None) -> dict:
     """An offline request with one image (or several) and optional `promprune` settings."""
     request: dict = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}

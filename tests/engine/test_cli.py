@@ -59,3 +59,11 @@ def test_presets_are_valid_and_command_line_changes_one_setting(tiny_llava: Path
 def test_invalid_server_default_is_refused_before_starting(tiny_llava: Path) -> None:
     with pytest.raises(SystemExit, match="promprune.keep"):
         main(["serve", str(tiny_llava), "--keep", "0"])
+
+
+def test_setup_installs_what_bench_serve_needs() -> None:
+    # scripts/setup.sh installs the `bench` extra: bench-serve must not stop with "pip install".
+    import importlib.util
+
+    assert importlib.util.find_spec("matplotlib") is not None
+    assert "test,bench" in (PRESET.parents[1] / "scripts" / "setup.sh").read_text()

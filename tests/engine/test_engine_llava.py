@@ -21,7 +21,6 @@ from .conftest import (
     engine_tower_outputs,
     greedy_params,
     jittered,
-    load_reference,
     max_differences,
     offline_engine,
     run,
@@ -94,11 +93,9 @@ def pruned_llm(tiny_llava: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava: Path):  # noqa: ANN201
-    from transformers import LlavaForConditionalGeneration
+    from vllm_promprune.reference import load_reference
 
-    from vllm_promprune.reference import PrunedLlavaReference
-
-    return load_reference(tiny_llava, LlavaForConditionalGeneration, PrunedLlavaReference)
+    return load_reference(tiny_llava)
 
 
 def _request(image_seed: int, settings: dict | None = None, prompt: str = PROMPT, image=None) -> dict:

@@ -26,7 +26,6 @@ from .conftest import (
     engine_tower_outputs,
     greedy_params,
     jittered,
-    load_reference,
     max_differences,
     offline_engine,
     run,
@@ -98,11 +97,9 @@ def pruned_llm(tiny_llava_next: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava_next: Path):  # noqa: ANN201
-    from transformers import LlavaNextForConditionalGeneration
+    from vllm_promprune.reference import load_reference
 
-    from vllm_promprune.reference import PrunedLlavaNextReference
-
-    return load_reference(tiny_llava_next, LlavaNextForConditionalGeneration, PrunedLlavaNextReference)
+    return load_reference(tiny_llava_next)
 
 
 def _expected(reference, images: list, settings: dict | None, prompt: str = PROMPT):  # noqa: ANN202

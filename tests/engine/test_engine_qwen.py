@@ -33,7 +33,6 @@ from .conftest import (
     engine_tower_outputs,
     greedy_params,
     jittered,
-    load_reference,
     max_differences,
     offline_engine,
     run,
@@ -135,11 +134,7 @@ def _recording_engine(model: Path, *, pruned: bool, **overrides: float) -> Itera
         yield llm
 
 
-# family -> (checkpoint fixture, transformers class, reference class)
-FAMILIES = {
-    "qwen2.5-vl": ("tiny_qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "PrunedQwen2_5_VLReference"),
-    "qwen2-vl": ("tiny_qwen2_vl", "Qwen2VLForConditionalGeneration", "PrunedQwen2VLReference"),
-}
+FAMILIES = {"qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl"}  # family -> checkpoint fixture
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -154,7 +149,7 @@ def family_images(family: str) -> ReferenceImages:
 
 @pytest.fixture(scope="module")
 def checkpoint(family: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue(FAMILIES[family][0])
+    return request.getfixturevalue(FAMILIES[family])
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +165,10 @@ def pruned_llm(checkpoint: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def reference(family: str, checkpoint: Path):  # noqa: ANN201
-    import transformers
+def reference(checkpoint: Path):  # noqa: ANN201
+    from vllm_promprune.reference import load_reference
 
-    import vllm_promprune.reference
-
-    _, model_class, reference_class = FAMILIES[family]
-    return load_reference(
-        checkpoint, getattr(transformers, model_class), getattr(vllm_promprune.reference, reference_class)
-    )
+    return load_reference(checkpoint)
 
 
 def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN202

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import load_reference
 from .test_engine_qwen import (
     GRID_SETTINGS,
     PROMPT,
@@ -39,11 +38,9 @@ def evs_llm(tiny_qwen2_5_vl: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_qwen2_5_vl: Path):  # noqa: ANN201
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from vllm_promprune.reference import load_reference
 
-    from vllm_promprune.reference import PrunedQwen2_5_VLReference
-
-    return load_reference(tiny_qwen2_5_vl, Qwen2_5_VLForConditionalGeneration, PrunedQwen2_5_VLReference)
+    return load_reference(tiny_qwen2_5_vl)
 
 
 def test_vllm_video_pruning_gets_exact_positions(evs_llm, reference) -> None:

@@ -28,3 +28,19 @@ def test_ratios_per_concurrency() -> None:
     assert "c=8: throughput(promprune) / throughput(uniform) at keep=64 = 1.00" in lines
     table = markdown(results).splitlines()
     assert len(table) == 2 + len(results) and table[2].startswith("| 1 | none |")
+
+
+def test_each_family_is_served_with_its_own_image_size(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    from vllm_promprune.testing.checkpoints import BUILDERS
+    from vllm_promprune.tools.bench_serve import SERVED_FAMILIES, served_family
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
+    assert served_family(tmp_path).image_size == (448, 448)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MllamaForConditionalGeneration"]}))
+    with pytest.raises(SystemExit, match="supported"):
+        served_family(tmp_path)
+    assert len(SERVED_FAMILIES) == len(BUILDERS)  # every family bench-serve can build, it can serve

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 
@@ -25,6 +26,31 @@ from .server_process import ServerProcess
 
 SERVED_NAME = "llava-bench"
 NO_PRUNING = "none"
+
+
+class ServedFamily(NamedTuple):
+    """How the benchmark serves one model family."""
+
+    image_size: tuple[int, int]  # (width, height) of every request's image
+    image_tokens: int  # prompt tokens of one such image, unpruned
+    max_model_len: int
+
+
+SERVED_FAMILIES = {
+    "LlavaForConditionalGeneration": ServedFamily((336, 336), 576, 2048),
+    # Base view + 2 x 2 crops: 2880 content tokens and 48 row newlines.
+    "LlavaNextForConditionalGeneration": ServedFamily((672, 672), 2928, 4096),
+    "Qwen2_5_VLForConditionalGeneration": ServedFamily((448, 448), 256, 2048),  # 16 x 16 merged tokens
+    "Qwen2VLForConditionalGeneration": ServedFamily((448, 448), 256, 2048),
+}
+
+
+def served_family(model_dir: Path) -> ServedFamily:
+    """The `ServedFamily` of the checkpoint in `model_dir` (by its architecture)."""
+    architecture = (json.loads((model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
+    if architecture not in SERVED_FAMILIES:
+        raise SystemExit(f"bench-serve: {model_dir} is a {architecture}; supported: {sorted(SERVED_FAMILIES)}")
+    return SERVED_FAMILIES[architecture]
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,7 @@ class KvCachePoller:
 
 def load_run(
     url: str, served_name: str, tokenizer: str, budget: str, method: str, concurrency: int,
-    num_prompts: int, input_len: int, output_len: int, seed: int,
+    num_prompts: int, input_len: int, output_len: int, seed: int, image_size: tuple[int, int],
 ) -> RunResult:
     """One `vllm bench serve` run against `url` with one pruning setting."""
     from vllm.benchmarks import serve as vllm_bench
@@ -92,7 +118,7 @@ def load_run(
         "--random-input-len", str(input_len), "--random-output-len", str(output_len),
         "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
         "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-        "--random-mm-bucket-config", "{(336, 336, 1): 1.0}",
+        "--random-mm-bucket-config", f"{{({image_size[1]}, {image_size[0]}, 1): 1.0}}",
         "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
@@ -178,7 +204,7 @@ def plot(results: list[RunResult], out: Path, full_tokens: int) -> list[Path]:
                 if r.concurrency == concurrency and r.method in (method, NO_PRUNING)
             )
             axis.plot(*zip(*points), marker="o", label=f"c={concurrency}, {method}")
-    axis.set(xlabel="visual tokens per image (576 = no pruning)", ylabel="requests / s",
+    axis.set(xlabel=f"visual tokens per image ({full_tokens} = no pruning)", ylabel="requests / s",
              title="Throughput vs budget")
     axis.set_xscale("log", base=2)
     budget_ticks = sorted({tokens(r.budget) for r in results})
@@ -214,25 +240,29 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("bench-serve writes plots with matplotlib: pip install -e '.[bench]'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model_dir)
+    model_dir = Path(args.model_dir or f".scratch/models/{args.family}-small")
     if args.url is None and not (model_dir / "config.json").is_file():
-        from ..testing.checkpoints import build_llava
+        from ..testing.checkpoints import BUILDERS
 
-        print(f"building the offline small LLaVA-1.5 checkpoint in {model_dir} ...", flush=True)
-        build_llava(model_dir, size="small")
+        print(f"building the offline small {args.family} checkpoint in {model_dir} ...", flush=True)
+        BUILDERS[args.family](model_dir, size="small")
+    family = served_family(model_dir)
     settings = sweep_settings(args.budgets, args.methods)
     name = args.served_model_name or SERVED_NAME
     results: list[RunResult] = []
 
     def run_all(url: str) -> None:
         # Warm-up so the first measured run does not pay one-time costs.
-        load_run(url, name, str(model_dir), NO_PRUNING, NO_PRUNING, 1, 2, args.input_len, args.output_len, args.seed)
+        load_run(
+            url, name, str(model_dir), NO_PRUNING, NO_PRUNING, 1, 2, args.input_len, args.output_len, args.seed,
+            family.image_size,
+        )
         for concurrency in args.concurrency:
             num_prompts = max(args.min_prompts, args.prompts_per_slot * concurrency)
             for budget, method in settings:
                 result = load_run(
                     url, name, str(model_dir), budget, method, concurrency, num_prompts,
-                    args.input_len, args.output_len, args.seed,
+                    args.input_len, args.output_len, args.seed, family.image_size,
                 )
                 results.append(result)
                 print(f"RESULT {json.dumps(asdict(result))}", flush=True)
@@ -242,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
         run_all(args.url)
     else:
         serve_args = [
-            "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
+            "--enforce-eager", "--dtype", "float32", "--max-model-len", str(family.max_model_len),
             "--served-model-name", SERVED_NAME,
             "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
         ]
@@ -255,6 +285,6 @@ def main(args: argparse.Namespace) -> None:
     print(f"\n{table}\n")
     for line in ratios(results, args.ratio_keep, [m for m in args.methods]):
         print(line)
-    for path in plot(results, out, full_tokens=576):
+    for path in plot(results, out, full_tokens=family.image_tokens):
         print(f"wrote {path}")
     print(f"sweep took {time.monotonic() - started:.0f} s; results in {out}")

@@ -127,6 +127,12 @@ def _bench_select(args: argparse.Namespace) -> None:
     bench_main(args.device, args.repeats, args.methods, args.quick)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from .calibrate import main as calibrate_main
+
+    calibrate_main(args)
+
+
 def _bench_serve(args: argparse.Namespace) -> None:
     from .bench_serve import main as bench_main
 
@@ -184,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         "bench-serve", help="throughput/TTFT/KV use under load across budgets, methods and concurrency"
     )
     load.add_argument("--url", default=None, help="target a running server instead of starting one")
-    load.add_argument("--model-dir", default=".scratch/models/llava-small", help="checkpoint (tokenizer) to serve or load")
+    load.add_argument(
+        "--model-dir", default=None,
+        help="checkpoint to serve (and tokenizer); built offline if missing (default .scratch/models/<family>-small)",
+    )
+    load.add_argument("--family", choices=list(BUILDERS), default="llava", help="family of the checkpoint to build")
     load.add_argument("--served-model-name", default=None, help="model name at --url (default: llava-bench)")
     load.add_argument("--out", default=".scratch/bench-serve")
     load.add_argument("--budgets", nargs="+", default=["none", "256", "128", "64"])
@@ -198,6 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--port", type=int, default=8766)
     load.set_defaults(handler=_bench_serve)
+
+    calibration = commands.add_parser(
+        "calibrate", help="PromPrune's mu for a model: median normalised spectral entropy over your images"
+    )
+    calibration.add_argument("model", help="checkpoint directory or hub id (loaded with transformers)")
+    calibration.add_argument("--images", required=True, help="a folder of images (png, jpg, webp, bmp)")
+    calibration.add_argument("--keep", type=int, default=64, help="budget for the reported K_sal distribution")
+    calibration.add_argument("--tau", type=float, default=0.02, help="split temperature for the reported K_sal")
+    calibration.add_argument("--out", default=".scratch/calibration")
+    calibration.set_defaults(handler=_calibrate)
 
     demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
     demo.add_argument("--model-dir", default=".scratch/models/llava-small")
