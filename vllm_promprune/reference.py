@@ -1,4 +1,4 @@
-"""Plain-transformers reference: LLaVA, LLaVA-NeXT and Qwen2.5-VL with the same token selection, no vLLM.
+"""Plain-transformers reference: LLaVA, LLaVA-NeXT and the Qwen-VL families with the same token selection, no vLLM.
 
 Two uses: the tests check that vLLM's pruned output equals this forward, and
 researchers can apply the selection methods to HF LLaVA models directly.
@@ -104,17 +104,24 @@ class PrunedLlavaReference:
         return expanded, greedy_decode(self.model, embeds, max_new_tokens)
 
 
-def greedy_decode(model, embeds: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None) -> list[int]:  # noqa: ANN001
+def greedy_decode(
+    model,  # noqa: ANN001
+    embeds: torch.Tensor,
+    max_new_tokens: int,
+    positions: torch.Tensor | None = None,
+    **prefill: object,
+) -> list[int]:
     """Greedy tokens after a prompt given as embeddings [1, L, D]; no early stop at EOS.
 
-    `positions` [3, L] are M-RoPE positions (Qwen2.5-VL); generated tokens then
+    `positions` [3, L] are M-RoPE positions (Qwen-VL); generated tokens then
     continue from their maximum + 1 in all three dimensions, as in transformers.
+    `prefill`: further language-model inputs of the prompt's forward (Qwen3-VL's deepstack).
     """
     language_model = model.model.language_model
 
     next_position = None if positions is None else int(positions.max()) + 1
     out = language_model(
-        inputs_embeds=embeds, position_ids=None if positions is None else positions[:, None], use_cache=True
+        inputs_embeds=embeds, position_ids=None if positions is None else positions[:, None], use_cache=True, **prefill
     )
     generated: list[int] = []
     for step in range(max_new_tokens):
@@ -198,6 +205,10 @@ class PrunedQwen2VLReference:
     @torch.inference_mode()
     def tower_outputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[TowerOutput]:
         """Per image: merger inputs (zero row first: no CLS) and pooled received attention."""
+        return self.run_tower(pixel_values, grid_thw)[0]
+
+    def run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[list[TowerOutput], object]:
+        """`tower_outputs` and the tower's own output."""
         apply_rotary_pos_emb_vision = importlib.import_module(self.modeling).apply_rotary_pos_emb_vision
 
         visual = self.model.model.visual
@@ -210,7 +221,7 @@ class PrunedQwen2VLReference:
             visual.merger.register_forward_pre_hook(lambda module, args: captured.update(merger=args[0])),
         ]
         try:
-            visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+            output = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -225,7 +236,14 @@ class PrunedQwen2VLReference:
         received = received_attention(query, key, kwargs["cu_seqlens"].tolist(), attention.scaling)
         unit = visual.spatial_merge_size**2
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        return merged_tower_outputs(received, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
+        towers = merged_tower_outputs(received, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
+        return towers, output
+
+    def prefill_inputs(self, tower_output: object, kept: torch.Tensor, is_image: torch.Tensor) -> dict:
+        """Extra language-model inputs for the pruned prompt's prefill, given the tower's
+        output, the kept merged tokens [K] (indices into all images' merged tokens, in
+        prompt order) and the pruned prompt's image-token mask [L] (none here)."""
+        return {}
 
     @torch.inference_mode()
     def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,25 +277,28 @@ class PrunedQwen2VLReference:
         )
         positions = positions[:, 0]
         grid_thw = inputs["image_grid_thw"]
-        towers = self.tower_outputs(inputs["pixel_values"], grid_thw)
+        towers, tower_output = self.run_tower(inputs["pixel_values"], grid_thw)
         image_settings = parse_image_settings(settings, len(images), option_defaults=QWEN_OPTION_DEFAULTS)
         image_token = self.config.image_token_id
         is_image = ids == image_token
         starts = [i for i in range(len(ids)) if is_image[i] and (i == 0 or not is_image[i - 1])]
 
-        columns, rows, cursor = [], [], 0
+        columns, rows, kept, cursor, first_token = [], [], [], 0, 0
         for start, tower, image_setting in zip(starts, towers, image_settings, strict=True):
             (pruned,) = prune_images_indexed(tower, [image_setting], merger_projection(self.model.model.visual.merger))
             columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
             rows.append(pruned.rows)
+            kept.append(first_token + pruned.kept)
             cursor = start + tower.saliency.shape[1]
+            first_token += tower.saliency.shape[1]
         columns.append(torch.arange(cursor, len(ids)))
         kept_columns = torch.cat(columns)
         pruned_ids, pruned_positions = ids[kept_columns], positions[:, kept_columns]
 
         embeds = self.model.get_input_embeddings()(pruned_ids[None])
         embeds[0, pruned_ids == image_token] = torch.cat(rows).to(embeds.dtype)
-        generated = greedy_decode(self.model, embeds, max_new_tokens, pruned_positions)
+        prefill = self.prefill_inputs(tower_output, torch.cat(kept), pruned_ids == image_token)
+        generated = greedy_decode(self.model, embeds, max_new_tokens, pruned_positions, **prefill)
         return pruned_ids.tolist(), generated, pruned_positions
 
 
@@ -300,11 +321,27 @@ class PrunedQwen2_5_VLReference(PrunedQwen2VLReference):
         return torch.argsort(window_index)
 
 
+class PrunedQwen3VLReference(PrunedQwen2VLReference):
+    """`PrunedQwen2VLReference` for Qwen3-VL (dense or MoE): saliency at the last block
+    (all attend globally), and the kept tokens' rows of every deepstack level go to the
+    first LLM layers as transformers' `deepstack_visual_embeds`."""
+
+    modeling = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+    def prefill_inputs(self, tower_output: object, kept: torch.Tensor, is_image: torch.Tensor) -> dict:
+        return {
+            "visual_pos_masks": is_image[None],
+            "deepstack_visual_embeds": [level[kept] for level in tower_output.deepstack_features],
+        }
+
+
 REFERENCE_CLASSES: Mapping[str, type] = {
     "LlavaForConditionalGeneration": PrunedLlavaReference,
     "LlavaNextForConditionalGeneration": PrunedLlavaNextReference,
     "Qwen2_5_VLForConditionalGeneration": PrunedQwen2_5_VLReference,
     "Qwen2VLForConditionalGeneration": PrunedQwen2VLReference,
+    "Qwen3VLForConditionalGeneration": PrunedQwen3VLReference,
+    "Qwen3VLMoeForConditionalGeneration": PrunedQwen3VLReference,
 }
 """The reference class of each supported transformers architecture."""
 

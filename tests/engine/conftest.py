@@ -297,6 +297,20 @@ def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_qwen2_vl(tmp_path_factory.mktemp("models") / "qwen2-vl-tiny", size="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_promprune.testing.checkpoints import build_qwen3_vl
+
+    return build_qwen3_vl(tmp_path_factory.mktemp("models") / "qwen3-vl-tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_promprune.testing.checkpoints import build_qwen3_vl_moe
+
+    return build_qwen3_vl_moe(tmp_path_factory.mktemp("models") / "qwen3-vl-moe-tiny", size="tiny", seed=0)
+
+
 class ImageCases:
     """Images of named sizes for one family's tests, and offline requests for them.
 

@@ -19,6 +19,8 @@ FAMILIES = {
     "llava-next": ("tiny_llava_next", (672, 672), 2880),  # base view + 2 x 2 crops, no newlines
     "qwen2.5-vl": ("tiny_qwen2_5_vl", (448, 448), 256),
     "qwen2-vl": ("tiny_qwen2_vl", (448, 448), 256),
+    "qwen3-vl": ("tiny_qwen3_vl", (512, 512), 256),  # patch 16: 32 px merged tokens
+    "qwen3-vl-moe": ("tiny_qwen3_vl_moe", (512, 512), 256),
 }
 
 
@@ -27,7 +29,7 @@ def _transformers_features(model_dir: Path, family: str, image: object) -> torch
     split's input, computed without the plugin), or None where it packs them differently."""
     import transformers
 
-    if family not in ("llava", "qwen2-vl"):
+    if family not in ("llava", "qwen2-vl", "qwen3-vl"):
         return None
     config = transformers.AutoConfig.from_pretrained(model_dir)
     model = getattr(transformers, config.architectures[0]).from_pretrained(model_dir).eval()

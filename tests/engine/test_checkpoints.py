@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from vllm_promprune.testing.checkpoints import build_llava
@@ -104,4 +105,39 @@ def test_qwen2_vl_checkpoint_has_real_geometry(tiny_qwen2_vl: Path) -> None:
     processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
     inputs = processor(images=[scene_image(0, 448, 448)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_vl", "tiny_qwen3_vl_moe"])
+def test_qwen3_vl_checkpoints_have_real_geometry(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    import transformers
+    from safetensors.torch import load_file
+
+    from vllm_promprune.testing.checkpoints import BUILDERS
+    from vllm_promprune.testing.synthetic import scene_image
+
+    out = request.getfixturevalue(fixture)
+    family = fixture.removeprefix("tiny_").replace("_", "-")
+    assert _digest(BUILDERS[family](tmp_path / "again", size="tiny", seed=0)) == _digest(out)
+    config = transformers.AutoConfig.from_pretrained(out)
+    model, info = getattr(transformers, config.architectures[0]).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    assert text_config.rope_parameters["mrope_interleaved"] is True
+    assert sum(text_config.rope_parameters["mrope_section"]) == text_config.head_dim // 2
+    assert vision_config.patch_size == 16 and vision_config.out_hidden_size == text_config.hidden_size
+    assert list(vision_config.deepstack_visual_indexes) == [1, 2]  # <= the LLM's 2 layers they feed
+    assert len(model.model.visual.deepstack_merger_list) == 2
+    if family == "qwen3-vl-moe":
+        weights = load_file(str(out / "model.safetensors"))
+        experts, hidden, intermediate = text_config.num_experts, text_config.hidden_size, text_config.moe_intermediate_size
+        # The hub layout vLLM's loader transposes, and which transformers reads back exactly.
+        assert weights["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (experts, hidden, 2 * intermediate)
+        assert weights["model.language_model.layers.0.mlp.experts.down_proj"].shape == (experts, intermediate, hidden)
+        assert 2 * intermediate != hidden and text_config.norm_topk_prob and not text_config.tie_word_embeddings
+        loaded = model.model.language_model.layers[0].mlp.experts.gate_up_proj
+        assert torch.equal(loaded, weights["model.language_model.layers.0.mlp.experts.gate_up_proj"].transpose(1, 2))
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    inputs = processor(images=[scene_image(0, 512, 512)], text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]]  # 512 / 16 patches per side
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32 * 32 // 4

@@ -1,6 +1,7 @@
-"""Pruned Qwen2-VL and Qwen2.5-VL inside the real vLLM engine, on the tiny offline
-checkpoints (every test runs for both families; vLLM's EVS video pruning, which only
-Qwen2.5-VL has, is in test_engine_qwen2_5_vl_evs.py).
+"""Pruned Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE inside the real vLLM engine, on
+the tiny offline checkpoints (every test runs for every family; vLLM's EVS video pruning
+beside image pruning, Qwen2.5-VL only, is in test_engine_qwen2_5_vl_evs.py; Qwen3-VL's
+deepstack rows are checked at the end).
 
 Positions are checked directly: the positions vLLM's language model receives
 (recorded with `LLM.apply_model`) must equal transformers' `get_rope_index`
@@ -54,10 +55,12 @@ ENGINE_ARGS = dict(
     limit_mm_per_prompt={"image": 2, "video": 1},
     seed=0,
 )
-# (width, height) -> merged grid (h, w): square 16 x 16, wide 8 x 24, tall 24 x 8.
-SIZES = {"square": (448, 448), "wide": (672, 224), "tall": (224, 672)}
+# (width, height) -> merged grid (h, w): square 16 x 16, wide 8 x 24, tall 24 x 8; a merged
+# token is 28 x 28 px (Qwen2/2.5-VL: patch 14) or 32 x 32 px (Qwen3-VL: patch 16).
+SIZES_28 = {"square": (448, 448), "wide": (672, 224), "tall": (224, 672)}
+SIZES_32 = {"square": (512, 512), "wide": (768, 256), "tall": (256, 768)}
+SIZE_NAMES = sorted(SIZES_28)
 GRIDS = {"square": (16, 16), "wide": (8, 24), "tall": (24, 8)}
-CASES = ImageCases(PROMPT, SIZES, {})  # scenes and requests; textured reference images per family below
 REFERENCE_SETTINGS = [
     {"keep": 64},  # PromPrune, mu 0.5744 (Qwen default) < Hn: all coverage (DPP)
     {"keep": 40, "mu": 0.0},  # all coverage (DPP)
@@ -79,16 +82,17 @@ TWO_IMAGE_SETTINGS = {"keep": [30, 120]}
 class ReferenceImages(NamedTuple):
     """A family's textured images (Hn 0.84..0.86) for the reference comparisons, chosen so
     that their selections keep margins above float noise (checked by
-    test_reference_cases_have_margins; the Qwen2-VL ones were the first seeds whose
-    selections did not move under 1x and 2x the guard's noise, 5 draws each)."""
+    test_reference_cases_have_margins; the Qwen2-VL and Qwen3-VL ones were the first seeds
+    whose selections did not move under 1x and 2x the guard's noise, 5 draws each)."""
 
+    sizes: dict[str, tuple[int, int]]  # size -> (width, height)
     seeds: dict[str, int]  # size -> seed of that size's reference image
     prefix: tuple[str, int]  # the prefix-cache case's image
     two: tuple[tuple[str, int], tuple[str, int]]  # the two-image case's images
 
     @property
     def cases(self) -> ImageCases:
-        return ImageCases(PROMPT, SIZES, self.seeds)
+        return ImageCases(PROMPT, self.sizes, self.seeds)
 
     @property
     def prefix_case(self) -> tuple[list[tuple[str, int]], dict]:
@@ -99,9 +103,20 @@ class ReferenceImages(NamedTuple):
         return list(self.two), TWO_IMAGE_SETTINGS
 
 
-REFERENCE_IMAGES = {
-    "qwen2.5-vl": ReferenceImages({"square": 10, "wide": 9, "tall": 38}, ("square", 7), (("tall", 5), ("wide", 6))),
-    "qwen2-vl": ReferenceImages({"square": 95, "wide": 14, "tall": 8}, ("square", 0), (("tall", 0), ("wide", 1))),
+class Family(NamedTuple):
+    checkpoint: str  # the tiny checkpoint's fixture
+    images: ReferenceImages
+    video_tokens: int  # video placeholders of `_video()`: 2 temporal patches of 8 x 8 (28 px) or 7 x 7 (32 px)
+
+
+QWEN3_IMAGES = ReferenceImages(SIZES_32, {"square": 12, "wide": 1, "tall": 6}, ("square", 1), (("tall", 0), ("wide", 0)))
+FAMILIES = {
+    "qwen2.5-vl": Family("tiny_qwen2_5_vl", ReferenceImages(
+        SIZES_28, {"square": 10, "wide": 9, "tall": 38}, ("square", 7), (("tall", 5), ("wide", 6))), 128),
+    "qwen2-vl": Family("tiny_qwen2_vl", ReferenceImages(
+        SIZES_28, {"square": 95, "wide": 14, "tall": 8}, ("square", 0), (("tall", 0), ("wide", 1))), 128),
+    "qwen3-vl": Family("tiny_qwen3_vl", QWEN3_IMAGES, 98),
+    "qwen3-vl-moe": Family("tiny_qwen3_vl_moe", QWEN3_IMAGES, 98),  # the same tower weights as the dense one
 }
 # Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
 # (2026-12-01 on these images: merger input 3.8e-6, received attention 2.3e-10; merged
@@ -134,9 +149,6 @@ def _recording_engine(model: Path, *, pruned: bool, **overrides: float) -> Itera
         yield llm
 
 
-FAMILIES = {"qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl"}  # family -> checkpoint fixture
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -144,12 +156,18 @@ def family(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def family_images(family: str) -> ReferenceImages:
-    return REFERENCE_IMAGES[family]
+    return FAMILIES[family].images
+
+
+@pytest.fixture(scope="module")
+def cases(family_images: ReferenceImages) -> ImageCases:
+    """Scenes and requests of the family's sizes."""
+    return family_images.cases
 
 
 @pytest.fixture(scope="module")
 def checkpoint(family: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue(FAMILIES[family])
+    return request.getfixturevalue(FAMILIES[family].checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -188,23 +206,24 @@ def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN2
 
 
 @pytest.mark.parametrize(("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000})])
-def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, seed: int, settings: dict | None) -> None:
+def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, cases, seed: int, settings: dict | None) -> None:
     assert_bit_identical(
         stock_llm, pruned_llm,
-        [CASES.request([CASES.scene(s, seed)]) for s in SIZES], [CASES.request([CASES.scene(s, seed)], settings) for s in SIZES],
+        [cases.request([cases.scene(s, seed)]) for s in SIZE_NAMES],
+        [cases.request([cases.scene(s, seed)], settings) for s in SIZE_NAMES],
     )
 
 
-@pytest.mark.parametrize("size", sorted(SIZES))
-def test_prompt_is_text_plus_k(stock_llm, pruned_llm, size: str) -> None:
-    (stock_ids, _), = run(stock_llm, [CASES.request([CASES.scene(size)])], max_tokens=1)
+@pytest.mark.parametrize("size", SIZE_NAMES)
+def test_prompt_is_text_plus_k(stock_llm, pruned_llm, cases, size: str) -> None:
+    (stock_ids, _), = run(stock_llm, [cases.request([cases.scene(size)])], max_tokens=1)
     h, w = GRIDS[size]
     for keep in (1, 17, h * w - 1):
-        (ids, _), = run(pruned_llm, [CASES.request([CASES.scene(size)], {"keep": keep})], max_tokens=1)
+        (ids, _), = run(pruned_llm, [cases.request([cases.scene(size)], {"keep": keep})], max_tokens=1)
         assert len(ids) == len(stock_ids) - h * w + keep
 
 
-@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("size", SIZE_NAMES)
 def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, family_images, size: str) -> None:
     """The position check: vLLM's positions vs the grid cells of the kept tokens."""
     settings = GRID_SETTINGS
@@ -223,10 +242,10 @@ def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, family_ima
 
 
 @pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
-def test_matches_transformers_reference(pruned_llm, reference, family_images, settings: dict) -> None:
-    results = run(pruned_llm, [family_images.cases.request([family_images.cases.textured(size)], settings) for size in SIZES])
-    for size, result in zip(SIZES, results):
-        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [family_images.cases.textured(size)], settings)
+def test_matches_transformers_reference(pruned_llm, reference, cases, settings: dict) -> None:
+    results = run(pruned_llm, [cases.request([cases.textured(size)], settings) for size in SIZE_NAMES])
+    for size, result in zip(SIZE_NAMES, results):
+        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [cases.textured(size)], settings)
         assert result == (expected_ids, expected_tokens), size
 
 
@@ -268,7 +287,7 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
     from vllm_promprune.pruning import prune_images_indexed
     from vllm_promprune.settings import parse_image_settings
 
-    cases = [([(size, family_images.seeds[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZES]
+    cases = [([(size, family_images.seeds[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZE_NAMES]
     cases += [family_images.prefix_case, family_images.two_image_case]
     images = sorted({image for case_images, _ in cases for image in case_images})
     towers = {}
@@ -292,7 +311,7 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
         assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
     assert moved >= 10 * measured["projected"] > 0, (moved, measured)
 
-    for size in SIZES:  # the PromPrune splits the settings claim
+    for size in SIZE_NAMES:  # the PromPrune splits the settings claim
         with torch.inference_mode():
             entropy = spectral_entropy(project(towers[size, family_images.seeds[size]].hidden[0, 1:]))
         assert saliency_budget(entropy, 64, PromPruneOptions(**QWEN_OPTION_DEFAULTS)) == 0
@@ -316,33 +335,33 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
                 assert same_selections(noisy, clean), (image, raw)
 
 
-def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm) -> None:
+def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm, cases) -> None:
     variants = [{"keep": 64}, {"keep": 150, "order": "selection"}, None, {"keep": 64, "method": "uniform"}]
-    image = CASES.scene("wide", 9)
-    solo = [run(pruned_llm, [CASES.request([image], settings)])[0] for settings in variants]
-    assert run(pruned_llm, [CASES.request([image], settings) for settings in variants]) == solo
+    image = cases.scene("wide", 9)
+    solo = [run(pruned_llm, [cases.request([image], settings)])[0] for settings in variants]
+    assert run(pruned_llm, [cases.request([image], settings) for settings in variants]) == solo
     assert len({len(ids) for ids, _ in solo}) == 3
 
 
 @pytest.mark.parametrize("method", ["prunesid", "visionzip"])
-def test_methods_needing_a_cls_token_are_refused(pruned_llm, method: str) -> None:
+def test_methods_needing_a_cls_token_are_refused(pruned_llm, cases, method: str) -> None:
     with pytest.raises(ValueError, match=rf"promprune\.method '{method}' needs .*Qwen-VL vision tower"):
-        run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8, "method": method})])
-    assert len(run(pruned_llm, [CASES.request([CASES.scene("square")], {"keep": 8})])[0][1]) == 8
+        run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8, "method": method})])
+    assert len(run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8})])[0][1]) == 8
 
 
-def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm) -> None:
+def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm, reference, family: str) -> None:
     request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=20)}}
     stock = _solo_with_positions(stock_llm, request)
     pruned = _solo_with_positions(pruned_llm, dict(request, mm_processor_kwargs={"promprune": {"keep": 8}}))
     assert pruned[:2] == stock[:2]
     assert torch.equal(pruned[2], stock[2])
-    assert len(stock[0]) == len(run(stock_llm, [{"prompt": VIDEO_PROMPT.replace("<|video_pad|>", "")}], max_tokens=1)[0][0]) + 128
+    assert stock[0].count(reference.config.video_token_id) == FAMILIES[family].video_tokens
 
 
-def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference) -> None:
+def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference, cases) -> None:
     prompt = VIDEO_PROMPT.replace("<|vision_end|>", "<|vision_end|>" + IMAGE, 1)
-    image, video = CASES.scene("wide", 3), _video(seed=10)
+    image, video = cases.scene("wide", 3), _video(seed=10)
     ids, tokens, positions = _solo_with_positions(
         pruned_llm, {"prompt": prompt, "multi_modal_data": {"video": video, "image": image},
                      "mm_processor_kwargs": {"promprune": {"keep": 20}}}
@@ -356,3 +375,68 @@ def test_pruned_image_and_video_in_one_request(stock_llm, pruned_llm, reference)
     assert torch.equal(positions[:, :video_end], stock_positions[:, :video_end])  # video and text before the image
     assert torch.equal(positions[:, -5:], stock_positions[:, -5:])  # text after the image: unpruned positions
     assert len(tokens) == 8
+
+
+
+def start_recording_deepstack(model) -> None:
+    """Record the deepstack rows the LLM receives in every forward pass (run through
+    `LLM.apply_model`): per pass, [levels, tokens, D], or None (no deepstack input)."""
+    recorded: list = []
+    decoder = model.language_model.model
+    forward = decoder.forward
+
+    def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        levels = kwargs.get("deepstack_input_embeds")
+        recorded.append(None if levels is None else torch.stack(list(levels.tensors.values())).cpu())
+        return forward(*args, **kwargs)
+
+    decoder.forward = recording_forward
+    model.recorded_deepstack = recorded
+
+
+def take_recorded_deepstack(model) -> torch.Tensor | None:
+    """The deepstack rows recorded since the last call, concatenated over passes (None: none)."""
+    recorded = list(model.recorded_deepstack)
+    model.recorded_deepstack.clear()
+    if all(levels is None for levels in recorded):
+        return None
+    return torch.cat(recorded, dim=1)
+
+
+def test_deepstack_rows_are_the_kept_tokens_rows(pruned_llm, reference, cases, family: str) -> None:
+    """Qwen3-VL: the deepstack rows added to the first LLM layers at a pruned image's K
+    slots are exactly that image's unpruned deepstack rows of the kept tokens (the grid
+    cells the slots' positions name), level by level; text slots get none. Qwen2/2.5-VL
+    have no deepstack: their LLM receives no such input."""
+    h, w = GRIDS["wide"]
+    pruned_llm.apply_model(start_recording_deepstack)
+    rows = {}
+    for keep, settings in ((h * w, {"keep": 100_000}), (50, {"keep": 50}), (40, {"keep": 40, "mu": 1.0})):
+        pruned_llm.apply_model(take_recorded_deepstack)
+        ids, _, positions = _solo_with_positions(pruned_llm, cases.request([cases.textured("wide", 40)], settings))
+        (deepstack,) = pruned_llm.apply_model(take_recorded_deepstack)
+        is_image = torch.tensor(ids) == reference.config.image_token_id
+        assert int(is_image.sum()) == keep
+        rows[keep] = (None if deepstack is None else deepstack[:, : len(ids)], is_image, positions)
+    levels = len(getattr(reference.config.vision_config, "deepstack_visual_indexes", []))
+    assert levels == (2 if family.startswith("qwen3") else 0)
+    if not levels:
+        assert all(deepstack is None for deepstack, _, _ in rows.values())
+        return
+    full, full_image, _ = rows.pop(h * w)
+    assert full.shape[0] == levels
+    assert bool((full[:, ~full_image] == 0).all()) and bool((full[:, full_image] != 0).all(dim=-1).all())
+    for keep, (deepstack, is_image, positions) in rows.items():
+        start = int(positions[0, is_image].min())
+        kept = (positions[1, is_image] - start) * w + (positions[2, is_image] - start)
+        assert len(set(kept.tolist())) == keep
+        assert torch.equal(deepstack[:, is_image], full[:, full_image][:, kept]), keep
+        assert bool((deepstack[:, ~is_image] == 0).all())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_vl", "tiny_qwen3_vl_moe"])
+def test_qwen3_vl_refuses_vllm_video_pruning(fixture: str, request: pytest.FixtureRequest) -> None:
+    from vllm_promprune.engine.offline import PromPruneLLM
+
+    with pytest.raises(ValueError, match=r"pruned Qwen3-VL(-MoE)? does not support vLLM's video pruning"):
+        PromPruneLLM(str(request.getfixturevalue(fixture)), video_pruning_rate=0.25)

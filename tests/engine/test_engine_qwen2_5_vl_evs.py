@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from .test_engine_qwen import (
+    FAMILIES,
     GRID_SETTINGS,
     PROMPT,
-    REFERENCE_IMAGES,
     VIDEO_GRID,
     VIDEO_PROMPT,
     VIDEO_T_STEP,
@@ -21,7 +21,7 @@ from .test_engine_qwen import (
     _video,
 )
 
-CASES = REFERENCE_IMAGES["qwen2.5-vl"].cases
+CASES = FAMILIES["qwen2.5-vl"].images.cases
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`vllm-promprune serve` for LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL: per-request budgets through the OpenAI API."""
+"""`vllm-promprune serve` for LLaVA-NeXT and the Qwen-VL families: per-request budgets through the OpenAI API."""
 
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ STOCK_TOKENS = {
     "llava-next": [anyres_layout(h, w, ANYRES_PINPOINTS, 336, 14).num_stock_tokens for w, h in SIZES],
     "qwen2.5-vl": [(w // 28) * (h // 28) for w, h in SIZES],  # merged 28 x 28 px cells
     "qwen2-vl": [(w // 28) * (h // 28) for w, h in SIZES],
+    # Qwen3-VL resizes to multiples of its 32 x 32 px merged cell: 672 x 336 -> 672 x 320.
+    "qwen3-vl": [21 * 10, 10 * 21],
+    "qwen3-vl-moe": [21 * 10, 10 * 21],
 }
-CHECKPOINTS = {"llava-next": "tiny_llava_next", "qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl"}
+CHECKPOINTS = {"llava-next": "tiny_llava_next", "qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl",
+               "qwen3-vl": "tiny_qwen3_vl", "qwen3-vl-moe": "tiny_qwen3_vl_moe"}
 
 
 @pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))

@@ -1,4 +1,4 @@
-"""The offline LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL checkpoints load and run in stock vLLM.
+"""The offline LLaVA-NeXT and Qwen-VL (2, 2.5, 3, 3-MoE) checkpoints load and run in stock vLLM.
 
 Their prompts expand exactly as the transformers processor expands them, for a
 square, a wide and a tall image (LLaVA-NeXT: different AnyRes grids).
@@ -22,6 +22,7 @@ CASES = {
     ),
 }
 CASES["qwen2-vl"] = CASES["qwen2.5-vl"]
+CASES["qwen3-vl"] = CASES["qwen3-vl-moe"] = (CASES["qwen2.5-vl"][0], [(512, 512), (768, 256), (256, 768)])  # patch 16
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

@@ -15,7 +15,7 @@ from vllm import LLM, SamplingParams
 from vllm.outputs import RequestOutput
 
 from ..settings import SETTINGS_KEY
-from .plugin import hf_overrides, stock_architecture
+from .plugin import NO_VIDEO_PRUNING, hf_overrides, stock_architecture, video_pruning_refused
 from .routes import combine_routes
 
 
@@ -29,7 +29,10 @@ class PromPruneLLM(LLM):
     """
 
     def __init__(self, model: str, *, default_settings: Mapping[str, object] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("hf_overrides", hf_overrides(stock_architecture(model), default_settings))
+        architecture = stock_architecture(model)
+        if kwargs.get("video_pruning_rate") and architecture in NO_VIDEO_PRUNING:
+            raise video_pruning_refused(NO_VIDEO_PRUNING[architecture])  # before the engine starts
+        kwargs.setdefault("hf_overrides", hf_overrides(architecture, default_settings))
         super().__init__(model, **kwargs)
 
     def generate(  # type: ignore[override]

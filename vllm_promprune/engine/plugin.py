@@ -25,6 +25,8 @@ PRUNED_ARCHITECTURES: Mapping[str, str] = {
     "LlavaNextForConditionalGeneration": "PromPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "PromPruneQwen2_5_VLForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "PromPruneQwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "PromPruneQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "PromPruneQwen3VLMoeForConditionalGeneration",
 }
 _MODEL_CLASSES: Mapping[str, str] = {
     "PromPruneLlavaForConditionalGeneration": "vllm_promprune.engine.models.llava:PromPruneLlavaForConditionalGeneration",
@@ -37,7 +39,28 @@ _MODEL_CLASSES: Mapping[str, str] = {
     "PromPruneQwen2VLForConditionalGeneration": (
         "vllm_promprune.engine.models.qwen2_vl:PromPruneQwen2VLForConditionalGeneration"
     ),
+    "PromPruneQwen3VLForConditionalGeneration": (
+        "vllm_promprune.engine.models.qwen3_vl:PromPruneQwen3VLForConditionalGeneration"
+    ),
+    "PromPruneQwen3VLMoeForConditionalGeneration": (
+        "vllm_promprune.engine.models.qwen3_vl:PromPruneQwen3VLMoeForConditionalGeneration"
+    ),
 }
+
+
+NO_VIDEO_PRUNING: Mapping[str, str] = {
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL",
+    "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL-MoE",
+}
+"""Stock architectures whose pruned variant refuses vLLM's video pruning, and their family names."""
+
+
+def video_pruning_refused(family: str) -> ValueError:
+    return ValueError(
+        f"pruned {family} does not support vLLM's video pruning (--video-pruning-rate): its video "
+        "rows and positions use a layout the image pruning does not; serve without "
+        "--video-pruning-rate, or the stock architecture for video pruning"
+    )
 
 
 def check_vllm_version(version: str) -> None:

@@ -1,15 +1,16 @@
-"""Qwen2.5-VL pieces shared by the vLLM model and the transformers reference (no vLLM import).
+"""Qwen-VL pieces shared by the vLLM models and the transformers references (no vLLM import).
 
-Saliency. Qwen2.5-VL's tower has no CLS token, so a merged token's saliency is
+Saliency. The Qwen-VL towers have no CLS token, so a merged token's saliency is
 the attention its patches RECEIVE: the softmax attention of every query patch
 of the image, averaged over queries and heads, at the tower's last
-full-attention block (`max(fullatt_block_indexes)`, the last block of
-Qwen2.5-VL-7B). The penultimate block is a window-attention block whose
-attention only spans a 112 x 112 px window, so scores from different windows
-would not be comparable; the last full-attention block is the deepest layer
-where every patch attends over the whole image. The tower runs in window
-order; scores are averaged over each 2 x 2 merge group (4 consecutive patches
-in that order) and mapped back to the raster order of the merged tokens.
+full-attention block. Which block that is, per family:
+- Qwen2.5-VL: `max(fullatt_block_indexes)` (block 31 of 32 in Qwen2.5-VL-7B). Its
+  other blocks attend within 112 x 112 px windows, whose scores from different
+  windows would not be comparable. The tower runs in window order; scores are
+  mapped back to the raster order of the merged tokens.
+- Qwen2-VL and Qwen3-VL: the last block (`depth - 1`); every block attends over
+  the whole image, and patches arrive in merge-group order.
+Scores are averaged over each 2 x 2 merge group (4 consecutive patches).
 
 Positions. A kept token keeps its true M-RoPE position: (t, h, w) of its merged
 grid cell offset by the image's start. vLLM fixes a request's positions when the
@@ -176,8 +177,10 @@ def merged_tower_outputs(
 
 def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """[..., unit * Dv] merge groups -> [..., D] LLM embeddings through the tower's own
-    patch merger (vLLM's or transformers': both take [rows, Dv] and merge `unit` rows)."""
-    width = merger.ln_q.weight.shape[0]
+    patch merger (vLLM's or transformers': all take [rows, Dv] and merge `unit` rows;
+    Qwen2/2.5-VL name its norm `ln_q`, Qwen3-VL `norm`)."""
+    norm = merger.ln_q if hasattr(merger, "ln_q") else merger.norm
+    width = norm.weight.shape[0]
 
     def project(groups: torch.Tensor) -> torch.Tensor:
         return merger(groups.reshape(-1, width)).view(*groups.shape[:-1], -1)

@@ -311,20 +311,25 @@ QWEN_SIZES: dict[str, QwenSize] = {
 
 
 def _qwen_processor_and_text(
-    processor_class: type, size: str, seed: int
+    processor_class: type, size: str, seed: int, *, patch_size: int = 14, video_processor_class: type | None = None
 ) -> tuple[object, dict[str, object], dict[str, int]]:
     """The Qwen-family processor (its real image and video processors, a ChatML
-    tokenizer with Qwen's vision tokens), the text config and the special token ids."""
+    tokenizer with Qwen's vision tokens), the text config and the special token ids.
+
+    `patch_size`: the ViT patch (14 for Qwen2/2.5-VL, 16 for Qwen3-VL); the pixel limits
+    scale with it so every family gets at most 640 merged tokens per image.
+    """
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     geometry = QWEN_SIZES[size]
     tokenizer = build_qwen_tokenizer(geometry.vocab_size, seed)
     tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
-    # Pixel limits keep test images small: at most 640 merged tokens per image.
-    pixel_limits = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 640)
+    merged_pixels = (2 * patch_size) ** 2  # one merged token: 2 x 2 patches
+    pixel_limits = dict(min_pixels=4 * merged_pixels, max_pixels=640 * merged_pixels)
+    video_processor_class = video_processor_class or Qwen2VLVideoProcessor
     processor = processor_class(
-        image_processor=Qwen2VLImageProcessor(**pixel_limits),
-        video_processor=Qwen2VLVideoProcessor(**pixel_limits),
+        image_processor=Qwen2VLImageProcessor(patch_size=patch_size, **pixel_limits),
+        video_processor=video_processor_class(patch_size=patch_size, **pixel_limits),
         tokenizer=tokenizer,
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
@@ -396,9 +401,88 @@ def build_qwen2_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     return _save(Qwen2VLForConditionalGeneration, config, processor, out, "qwen2-vl", size, seed)
 
 
+def build_qwen3_vl(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline Qwen3-VL checkpoint to `out`: ViT patch 16 with a learned position
+    grid, full attention in every block, deepstack mergers feeding the first LLM layers,
+    interleaved M-RoPE, Qwen3's text layers (q/k norms, explicit head_dim)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor, text, special = _qwen3_vl_parts(size, seed)
+    config = Qwen3VLConfig(text_config=text, vision_config=_qwen3_vision_config(size), tie_word_embeddings=False, **special)
+    return _save(Qwen3VLForConditionalGeneration, config, processor, out, "qwen3-vl", size, seed)
+
+
+def build_qwen3_vl_moe(out: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write an offline Qwen3-VL-MoE checkpoint to `out`: Qwen3-VL's tower, a sparse MoE
+    in every LLM layer (4 experts, top 2, normalised routing weights, as Qwen3-VL-30B-A3B
+    with fewer experts), expert weights fused in the hub layout."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    geometry = QWEN_SIZES[size]
+    processor, text, special = _qwen3_vl_parts(size, seed)
+    del text["intermediate_size"]
+    # 2 * moe_intermediate != hidden: a transposed expert tensor cannot load by accident.
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=geometry.text_intermediate // 4 + 32,
+                decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=_qwen3_vision_config(size), tie_word_embeddings=False, **special)
+    _save(Qwen3VLMoeForConditionalGeneration, config, processor, out, "qwen3-vl-moe", size, seed)
+    _transpose_fused_experts(out)
+    return out
+
+
+def _transpose_fused_experts(out: Path) -> None:
+    """Store fused expert weights as the released Qwen3-VL-MoE checkpoints do.
+
+    transformers 5.x holds `experts.gate_up_proj` as [E, 2I, H] and `down_proj` as
+    [E, H, I] and saves them so; the hub layout (which transformers transposes on load
+    and vLLM's loader expects) is [E, H, 2I] and [E, I, H].
+    """
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    fused = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+    fixed = {key: (value.transpose(1, 2) if key.endswith(fused) else value).contiguous() for key, value in tensors.items()}
+    save_file(fixed, str(path), metadata={"format": "pt"})
+
+
+def _qwen3_vl_parts(size: str, seed: int) -> tuple[object, dict[str, object], dict[str, int]]:
+    """Qwen3-VL's processor (patch 16, its video processor), text config and token ids."""
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    geometry = QWEN_SIZES[size]
+    processor, text, special = _qwen_processor_and_text(
+        Qwen3VLProcessor, size, seed, patch_size=16, video_processor_class=Qwen3VLVideoProcessor
+    )
+    head_dim = geometry.text_hidden // geometry.text_heads
+    text["head_dim"] = head_dim
+    # Interleaved sections: t takes what h and w (every third frequency) leave.
+    hw = head_dim // 6
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0,
+                               "mrope_section": [head_dim // 2 - 2 * hw, hw, hw], "mrope_interleaved": True}
+    return processor, text, special
+
+
+def _qwen3_vision_config(size: str) -> dict[str, object]:
+    """Qwen3-VL's tower: up to three deepstack taps spread over the blocks like
+    Qwen3-VL-8B's (8, 16, 24 of 27), one per early LLM layer they feed."""
+    geometry = QWEN_SIZES[size]
+    levels = min(3, geometry.text_layers, geometry.vision_depth - 2)
+    step = geometry.vision_depth // (levels + 1)
+    return dict(
+        depth=geometry.vision_depth,
+        hidden_size=geometry.vision_hidden,
+        intermediate_size=geometry.vision_intermediate,
+        num_heads=geometry.vision_heads,
+        out_hidden_size=geometry.text_hidden,
+        num_position_embeddings=16 * 16,  # a 16 x 16 learned grid, resampled to each image
+        deepstack_visual_indexes=[step * (level + 1) for level in range(levels)],
+    )
+
+
 BUILDERS = {
     "llava": build_llava,
     "llava-next": build_llava_next,
     "qwen2.5-vl": build_qwen2_5_vl,
     "qwen2-vl": build_qwen2_vl,
+    "qwen3-vl": build_qwen3_vl,
+    "qwen3-vl-moe": build_qwen3_vl_moe,
 }

@@ -42,6 +42,8 @@ SERVED_FAMILIES = {
     "LlavaNextForConditionalGeneration": ServedFamily((672, 672), 2928, 4096),
     "Qwen2_5_VLForConditionalGeneration": ServedFamily((448, 448), 256, 2048),  # 16 x 16 merged tokens
     "Qwen2VLForConditionalGeneration": ServedFamily((448, 448), 256, 2048),
+    "Qwen3VLForConditionalGeneration": ServedFamily((512, 512), 256, 2048),  # patch 16: 16 x 16 merged tokens
+    "Qwen3VLMoeForConditionalGeneration": ServedFamily((512, 512), 256, 2048),
 }
 
 

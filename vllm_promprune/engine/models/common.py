@@ -98,17 +98,11 @@ class PruningProcessorMixin:
         images = processed_data.get("pixel_values", processed_data.get("image_embeds"))
         return 0 if images is None else len(images)
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        return super()._call_hf_processor(hf_data, without_settings(hf_kwargs))
-
-    def _postprocess_hf_mm_data(
-        self,
-        mm_inputs: Mapping[str, object],
-        hf_processor_mm_kwargs: Mapping[str, object],
-        processed_data: BatchFeature,
-    ) -> BatchFeature:
-        processed = super()._postprocess_hf_mm_data(mm_inputs, without_settings(hf_processor_mm_kwargs), processed_data)
-        settings = self.prune_settings(hf_processor_mm_kwargs, self.num_images(processed))
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # The one entry to every family's HF processing (Qwen3-VL overrides it and never
+        # calls `_call_hf_processor`): nothing below it sees the settings.
+        processed = super()._apply_hf_processor_main(mm_items, without_settings(hf_kwargs))
+        settings = self.prune_settings(hf_kwargs, self.num_images(processed))
         processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
         return processed
 

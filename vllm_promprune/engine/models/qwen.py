@@ -1,5 +1,5 @@
-"""The pruning template of the Qwen families (Qwen2-VL, Qwen2.5-VL): kept tokens at
-their true M-RoPE positions.
+"""The pruning template of the Qwen families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): kept
+tokens at their true M-RoPE positions.
 
 Saliency and the position scheme are described in `vllm_promprune.families.qwen_vision`.
 In vLLM terms:
@@ -105,6 +105,11 @@ class PrunedQwenMixin:
         """Per image: pruning inputs (`merged_tower_outputs`) and the stock merged embeddings [N, D]."""
         raise NotImplementedError
 
+    def kept_rows(self, projected: torch.Tensor, kept: torch.Tensor, stock_rows: torch.Tensor) -> torch.Tensor:
+        """An image's embedding rows for its `kept` tokens: the merger's projection of
+        them, `projected` [K, D] (Qwen3-VL adds its deepstack columns from `stock_rows`)."""
+        return projected
+
     # -- positions --------------------------------------------------------
 
     def get_mrope_input_positions(
@@ -191,7 +196,8 @@ class PrunedQwenMixin:
                     rows.append(with_offsets(stock_rows, None))
                     continue
                 (pruned,) = prune_images_indexed(tower, [image_settings], project, **SELECTION_HOOKS)
-                rows.append(with_offsets(pruned.rows, grid_offsets(pruned.kept, grid_thw[image][2] // merge)))
+                kept_rows = self.kept_rows(pruned.rows, pruned.kept, stock_rows)
+                rows.append(with_offsets(kept_rows, grid_offsets(pruned.kept, grid_thw[image][2] // merge)))
             return rows
 
         def stock() -> list[torch.Tensor]:
@@ -200,6 +206,22 @@ class PrunedQwenMixin:
         geometry = [ImageGeometry(size, size, count) for size, count in zip(sizes, patch_counts)]
         return pruned_image_embeddings(field, geometry, self.encoder_patch_budget, stock, embed)
 
+
+
+def rotated_query_key(
+    block: torch.nn.Module, block_input: torch.Tensor, metadata: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rotated query and key [L, H_rank, d] at a vLLM vision block whose
+    attention is `Qwen2_5_VisionAttention` (Qwen2.5-VL, Qwen3-VL), as its forward computes
+    them from the block's input [L, 1, Dv]."""
+    attention = block.attn
+    heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+    qkv, _ = attention.qkv(block.norm1(block_input))
+    qkv = qkv.view(qkv.shape[0], 3, heads, head_dim)
+    rotated = attention.apply_rotary_emb(
+        qkv[:, :2].transpose(0, 1).contiguous(), metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]
+    )
+    return rotated[0], rotated[1]
 
 
 def received_saliency(

@@ -28,7 +28,7 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from ...families.qwen_vision import Media, merged_tower_outputs
 from ...pruning import TowerOutput
-from .qwen import PrunedQwenMixin, PrunedQwenProcessorMixin, received_saliency, with_offsets
+from .qwen import PrunedQwenMixin, PrunedQwenProcessorMixin, received_saliency, rotated_query_key, with_offsets
 
 
 class PromPruneQwen2_5_VLMultiModalProcessor(PrunedQwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
@@ -48,16 +48,8 @@ def qwen_tower_outputs(
     metadata = visual.prepare_encoder_metadata(grid_thw)
     embeddings, block_input, merger_input = _visual_forward(visual, pixel_values, metadata)
     block = visual.blocks[max(visual.fullatt_block_indexes)]
-    attention = block.attn
-    heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
-    qkv, _ = attention.qkv(block.norm1(block_input))
-    qkv = qkv.view(qkv.shape[0], 3, heads, head_dim)
-    rotated = attention.apply_rotary_emb(
-        qkv[:, :2].transpose(0, 1).contiguous(),
-        metadata["rotary_pos_emb_cos"],
-        metadata["rotary_pos_emb_sin"],
-    )
-    received = received_saliency(attention, rotated[0], rotated[1], grid_thw)
+    query, key = rotated_query_key(block, block_input, metadata)
+    received = received_saliency(block.attn, query, key, grid_thw)
 
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
