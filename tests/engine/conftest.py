@@ -269,46 +269,41 @@ def same_selections(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _tiny(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
+    """The family's tiny offline checkpoint, seed 0, built once per session."""
+    from vllm_promprune.testing.checkpoints import BUILDERS
+
+    return BUILDERS[family](tmp_path_factory.mktemp("models") / f"{family}-tiny", size="tiny", seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_llava
-
-    return build_llava(tmp_path_factory.mktemp("models") / "llava-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "llava")
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_llava_next
-
-    return build_llava_next(tmp_path_factory.mktemp("models") / "llava-next-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "llava-next")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_qwen2_5_vl
-
-    return build_qwen2_5_vl(tmp_path_factory.mktemp("models") / "qwen2.5-vl-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "qwen2.5-vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_qwen2_vl
-
-    return build_qwen2_vl(tmp_path_factory.mktemp("models") / "qwen2-vl-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "qwen2-vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_qwen3_vl
-
-    return build_qwen3_vl(tmp_path_factory.mktemp("models") / "qwen3-vl-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "qwen3-vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_promprune.testing.checkpoints import build_qwen3_vl_moe
-
-    return build_qwen3_vl_moe(tmp_path_factory.mktemp("models") / "qwen3-vl-moe-tiny", size="tiny", seed=0)
+    return _tiny(tmp_path_factory, "qwen3-vl-moe")
 
 
 class ImageCases:

@@ -440,3 +440,17 @@ def test_qwen3_vl_refuses_vllm_video_pruning(fixture: str, request: pytest.Fixtu
 
     with pytest.raises(ValueError, match=r"pruned Qwen3-VL(-MoE)? does not support vLLM's video pruning"):
         PromPruneLLM(str(request.getfixturevalue(fixture)), video_pruning_rate=0.25)
+
+
+def test_qwen3_vl_refuses_budgets_past_its_position_range(tiny_qwen3_vl: Path) -> None:
+    """Qwen3-VL's M-RoPE cache holds max_position_embeddings (32768 here) positions. A
+    16 x 16 image kept to 1 token still spans 16 positions, so with max_model_len 32768
+    generation could reach position 32768 + 15: refused with a 400-style error that says
+    what to change; a budget >= the grid side is served."""
+    cases = FAMILIES["qwen3-vl"].images.cases
+    with offline_engine(tiny_qwen3_vl, {**ENGINE_ARGS, "max_model_len": 32768}, pruned=True) as llm:
+        (stock_ids, _), = run(llm, [cases.request([cases.scene("square")], {"keep": None})], max_tokens=1)
+        with pytest.raises(ValueError, match=r"promprune\.keep: .* 15 M-RoPE positions further.*--max-model-len 32753"):
+            run(llm, [cases.request([cases.scene("square")], {"keep": 1})], max_tokens=1)
+        (ids, _), = run(llm, [cases.request([cases.scene("square")], {"keep": 16})], max_tokens=1)
+        assert len(ids) == len(stock_ids) - 256 + 16

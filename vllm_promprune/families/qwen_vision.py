@@ -175,6 +175,15 @@ def merged_tower_outputs(
     ]
 
 
+def raster_tower_outputs(
+    received: torch.Tensor, merger_input: torch.Tensor, unit: int, sizes: Sequence[int]
+) -> list[TowerOutput]:
+    """`merged_tower_outputs` of a tower whose patches arrive in raster order of their
+    merge groups (Qwen2-VL, Qwen3-VL); `merger_input` [L, ..., Dv]."""
+    raster = torch.arange(sum(sizes), device=received.device)
+    return merged_tower_outputs(received, merger_input.reshape(-1, merger_input.shape[-1]), raster, unit, sizes)
+
+
 def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """[..., unit * Dv] merge groups -> [..., D] LLM embeddings through the tower's own
     patch merger (vLLM's or transformers': all take [rows, Dv] and merge `unit` rows;

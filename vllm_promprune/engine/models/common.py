@@ -113,6 +113,10 @@ class PruningProcessorMixin:
         fields[SETTINGS_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
+    def check_pruned_images(self, settings: Sequence[PruneSettings], out_mm_kwargs: MultiModalKwargsItems) -> None:
+        """Refuse (ValueError naming the field) budgets the model side could not execute;
+        nothing to check by default (Qwen: the M-RoPE position range)."""
+
     def content_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_stock: int) -> int:
         """Selectable tokens of image `item_idx`, whose stock placeholder run is `num_stock`.
 
@@ -130,6 +134,7 @@ class PruningProcessorMixin:
         settings = self.prune_settings(hf_processor_mm_kwargs, mm_items.get_count("image", strict=False))
         if not any(image_settings.has_budget for image_settings in settings):
             return updates
+        self.check_pruned_images(settings, out_mm_kwargs)
         return [self._shortened(update, settings, mm_items) if update.modality == "image" else update for update in updates]
 
     def _shortened(

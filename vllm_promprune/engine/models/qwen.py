@@ -34,7 +34,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
 
 from ...families.qwen_vision import (
     OFFSET_COLUMNS,
@@ -69,9 +69,35 @@ class PrunedQwenProcessorMixin(PruningProcessorMixin):
     tower_inputs = QWEN_TOWER_INPUTS
     tower_name = QWEN_TOWER_NAME
 
+    mrope_cache_factor: ClassVar[int] = 4
+    """vLLM's M-RoPE cos/sin cache holds max_position_embeddings x this positions (Qwen2/2.5-VL: 4;
+    Qwen3-VL: 1 without vLLM's video pruning, which the pruned Qwen3-VL refuses)."""
+
     def num_images(self, processed_data: BatchFeature) -> int:
         grids = processed_data.get("image_grid_thw")
         return 0 if grids is None else len(grids)
+
+    def check_pruned_images(self, settings: Sequence[PruneSettings], out_mm_kwargs: MultiModalKwargsItems) -> None:
+        """A pruned image keeps its full grid's positions (max(h, w) of them) on K tokens, so
+        the request's later tokens sit up to sum(max(h, w) - K) positions further than in a
+        prompt of the same length; generation may run to max_model_len. Refused here when
+        that could pass the end of vLLM's position cache (an index error in the engine)."""
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        overshoot = 0
+        for index, image_settings in enumerate(settings):
+            _, height, width = (int(v) // merge for v in out_mm_kwargs["image"][index]["image_grid_thw"].data.tolist())
+            kept = image_settings.placeholders(height * width, height * width)
+            overshoot += max(0, max(height, width) - kept)
+        model_config = self.info.ctx.model_config
+        positions = model_config.hf_text_config.max_position_embeddings * self.mrope_cache_factor
+        if model_config.max_model_len + overshoot > positions:
+            raise ValueError(
+                f"promprune.keep: these budgets keep fewer tokens than the images' grid sides, which moves "
+                f"later tokens {overshoot} M-RoPE positions further; with max_model_len "
+                f"{model_config.max_model_len} that can pass this model's {positions} positions: keep at least "
+                f"max(grid height, grid width) tokens per image, or serve with --max-model-len "
+                f"{positions - overshoot} or less"
+            )
 
 
 class PrunedQwenMixin:

@@ -19,7 +19,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...families.qwen_vision import merged_tower_outputs
+from ...families.qwen_vision import raster_tower_outputs
 from ...pruning import TowerOutput
 from .qwen import PrunedQwenMixin, PrunedQwenProcessorMixin, received_saliency
 
@@ -39,7 +39,6 @@ def qwen_tower_outputs(
     """
     metadata = visual.prepare_encoder_metadata(grid_thw)
     hidden = visual.patch_embed(visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)).unsqueeze(1)
-    block_input = hidden
     for block in visual.blocks:
         block_input = hidden
         hidden = block(
@@ -63,9 +62,7 @@ def qwen_tower_outputs(
 
     unit = visual.spatial_merge_size**2
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    raster = torch.arange(sum(sizes), device=received.device)  # merge groups arrive in raster order
-    towers = merged_tower_outputs(received, hidden.reshape(-1, hidden.shape[-1]), raster, unit, sizes)
-    return towers, list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
 
 
 @MULTIMODAL_REGISTRY.register_processor(

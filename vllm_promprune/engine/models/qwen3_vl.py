@@ -34,14 +34,14 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 
-from ...families.qwen_vision import Media, merged_tower_outputs, mrope_positions
+from ...families.qwen_vision import Media, mrope_positions, raster_tower_outputs
 from ...pruning import TowerOutput
 from ..plugin import video_pruning_refused
 from .qwen import PrunedQwenMixin, PrunedQwenProcessorMixin, received_saliency, rotated_query_key
 
 
 class PromPruneQwen3VLMultiModalProcessor(PrunedQwenProcessorMixin, Qwen3VLMultiModalProcessor):
-    pass
+    mrope_cache_factor = 1  # vLLM's `mrope_positions_factor` without video pruning
 
 
 def qwen_tower_outputs(
@@ -78,9 +78,7 @@ def qwen_tower_outputs(
 
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    raster = torch.arange(sum(sizes), device=received.device)  # merge groups arrive in raster order
-    towers = merged_tower_outputs(received, hidden.reshape(-1, hidden.shape[-1]), raster, unit, sizes)
-    return towers, list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
 
 
 class PrunedQwen3VLMixin(PrunedQwenMixin):
