@@ -15,8 +15,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   flavour=cpu
 fi
-echo "[setup] installing vllm-promprune[$flavour,test,bench] into $VENV"
-"$VENV/bin/python" -m pip install -q -e ".[$flavour,test,bench]"
+echo "[setup] installing vllm-promprune[$flavour,test,bench,samples] into $VENV"
+"$VENV/bin/python" -m pip install -q -e ".[$flavour,test,bench,samples]"
 
 if [ "$flavour" = cpu ]; then
   # The registry's torchaudio/torchcodec wheels are built for another torch and

@@ -61,9 +61,10 @@ def test_invalid_server_default_is_refused_before_starting(tiny_llava: Path) -> 
         main(["serve", str(tiny_llava), "--keep", "0"])
 
 
-def test_setup_installs_what_bench_serve_needs() -> None:
-    # scripts/setup.sh installs the `bench` extra: bench-serve must not stop with "pip install".
+def test_setup_installs_what_the_tools_need() -> None:
+    # scripts/setup.sh installs the `bench` and `samples` extras: bench-serve, calibrate and
+    # show must not stop with "pip install" (plots; show's sample photographs).
     import importlib.util
 
-    assert importlib.util.find_spec("matplotlib") is not None
-    assert "test,bench" in (PRESET.parents[1] / "scripts" / "setup.sh").read_text()
+    assert importlib.util.find_spec("matplotlib") is not None and importlib.util.find_spec("skimage") is not None
+    assert "test,bench,samples" in (PRESET.parents[1] / "scripts" / "setup.sh").read_text()

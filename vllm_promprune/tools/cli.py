@@ -133,6 +133,18 @@ def _calibrate(args: argparse.Namespace) -> None:
     calibrate_main(args)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import main as eval_main
+
+    eval_main(args)
+
+
+def _show(args: argparse.Namespace) -> None:
+    from .show import main as show_main
+
+    show_main(args)
+
+
 def _bench_serve(args: argparse.Namespace) -> None:
     from .bench_serve import main as bench_main
 
@@ -218,6 +230,31 @@ def main(argv: list[str] | None = None) -> None:
     calibration.add_argument("--tau", type=float, default=0.02, help="split temperature for the reported K_sal")
     calibration.add_argument("--out", default=".scratch/calibration")
     calibration.set_defaults(handler=_calibrate)
+
+    show = commands.add_parser("show", help="draw the patches each method keeps on an image")
+    show.add_argument("image", help="an image file, or sample:NAME (astronaut, coffee, chelsea, rocket; scikit-image)")
+    show.add_argument("--model", required=True, help="checkpoint directory or hub id (loaded with transformers)")
+    show.add_argument("--keep", type=int, default=64, help="tokens kept per method")
+    show.add_argument("--methods", default="promprune,divprune,vispruner,uniform", help="comma-separated methods")
+    show.add_argument("--out", default=".scratch/show.png", help="the PNG to write")
+    show.add_argument("--dpi", type=int, default=110, help="resolution of the PNG")
+    show.set_defaults(handler=_show)
+
+    quality = commands.add_parser("eval", help="answer retention / accuracy per budget and method, next to req/s")
+    quality.add_argument("--data", required=True, help="JSONL: image (path or URL), question, optional answer(s)")
+    quality.add_argument("--url", default=None, help="a running pruning-enabled server")
+    quality.add_argument("--model-dir", default=None, help="or a checkpoint to serve for the run")
+    quality.add_argument("--served-model-name", default=None, help="model name at --url (default: its first model)")
+    quality.add_argument("--budgets", nargs="+", default=["256", "128", "64"], help="keep values (no pruning always runs)")
+    quality.add_argument("--methods", nargs="+", default=["promprune", "divprune", "uniform"])
+    quality.add_argument("--max-tokens", type=int, default=16, help="greedy answer length")
+    quality.add_argument("--concurrency", type=int, default=8, help="requests in flight during a pass")
+    quality.add_argument("--bench-serve", default=None, help="a bench-serve results.json of the same server")
+    quality.add_argument("--bench-concurrency", type=int, default=8, help="its concurrency used for the plot")
+    quality.add_argument("--max-model-len", type=int, default=4096, help="with --model-dir")
+    quality.add_argument("--port", type=int, default=8767, help="with --model-dir")
+    quality.add_argument("--out", default=".scratch/eval")
+    quality.set_defaults(handler=_eval)
 
     demo = commands.add_parser("demo", help="serve an offline checkpoint and compare prompt tokens")
     demo.add_argument("--model-dir", default=".scratch/models/llava-small")
