@@ -32,26 +32,28 @@ def test_eval_reports_retention_accuracy_and_throughput(tiny_llava: Path, tmp_pa
     out = tmp_path / "out"
 
     main(["eval", "--data", str(data), "--model-dir", str(tiny_llava), "--budgets", "100000", "8",
-          "--methods", "promprune", "uniform", "--max-tokens", "6", "--concurrency", "4",
+          "--methods", "promprune", "uniform", "--mu", "0.0", "1.0", "--max-tokens", "6", "--concurrency", "4",
           "--bench-serve", str(bench), "--bench-concurrency", "4", "--port", str(free_port()), "--out", str(out)])
 
     report = json.loads((out / "eval.json").read_text())
     assert report["records"] == 6
-    results = {(r["budget"], r["method"]): r for r in report["results"]}
-    assert list(results) == [("none", "none"), ("100000", "promprune"), ("100000", "uniform"), ("8", "promprune"),
-                             ("8", "uniform")]
-    unpruned = results["none", "none"]
+    results = {(r["budget"], r["method"], r["mu"]): r for r in report["results"]}
+    pruned = [("promprune", 0.0), ("promprune", 1.0), ("uniform", None)]
+    assert list(results) == [("none", "none", None)] + [(b, m, mu) for b in ("100000", "8") for m, mu in pruned]
+    unpruned = results["none", "none", None]
     assert unpruned["retention"] == 1.0 and len(unpruned["answers"]) == 6
-    for method in ("promprune", "uniform"):  # keep >= N: the image is not pruned, every answer is retained
-        assert results["100000", method]["retention"] == 1.0
-        assert results["100000", method]["answers"] == unpruned["answers"]
-        assert results["100000", method]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"]
-        assert results["8", method]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"] - 576 + 8
+    for method, mu in pruned:  # keep >= N: the image is not pruned, every answer is retained
+        assert results["100000", method, mu]["retention"] == 1.0
+        assert results["100000", method, mu]["answers"] == unpruned["answers"]
+        assert results["100000", method, mu]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"]
+        assert results["8", method, mu]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"] - 576 + 8
+    # mu reaches the server: all-coverage (0.0) and all-saliency (1.0) keep different tokens on these images.
+    assert results["8", "promprune", 0.0]["answers"] != results["8", "promprune", 1.0]["answers"]
     for result in results.values():
         assert result["exact"] == 0.0 and result["contains"] == 0.0  # judged on the 3 records with an answer
         assert 0.0 <= result["retention"] <= 1.0 and result["requests_per_s"] > 0
     table = (out / "eval.md").read_text()
-    assert table.count("\n") == 7 and "| 8 | uniform |" in table
+    assert table.count("\n") == 9 and "| 8 | uniform |" in table and "| 8 | promprune mu=1 |" in table
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

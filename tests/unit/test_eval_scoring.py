@@ -9,6 +9,7 @@ import pytest
 
 from vllm_promprune.tools.evaluate import (
     Record,
+    Setting,
     bench_throughput,
     contains,
     is_exact,
@@ -16,6 +17,7 @@ from vllm_promprune.tools.evaluate import (
     markdown,
     normalise,
     score,
+    settings_grid,
 )
 
 
@@ -34,13 +36,13 @@ def test_exact_and_contains() -> None:
 def test_score_counts_retention_and_accuracy_only_over_judged_records() -> None:
     records = [Record("a.png", "q", ("cat",)), Record("b.png", "q", ()), Record("c.png", "q", ("two dogs", "2 dogs"))]
     unpruned = ["a cat", "blue", "two dogs"]
-    result = score("64", "promprune", ["cat", "blue", "three dogs"], unpruned, records, seconds=2.0,
+    result = score(Setting("64", "promprune"), ["cat", "blue", "three dogs"], unpruned, records, seconds=2.0,
                    prompt_tokens=[10, 20, 30])
     assert result.retention == pytest.approx(1 / 3)  # only "blue" is identical to its unpruned answer
     assert result.exact == pytest.approx(1 / 2)  # "cat" of the two records with references
     assert result.contains == pytest.approx(1 / 2)
     assert result.requests_per_s == 1.5 and result.mean_prompt_tokens == 20
-    no_references = score("64", "uniform", ["x"], ["x"], [Record("a.png", "q", ())], 1.0, [5])
+    no_references = score(Setting("64", "uniform"), ["x"], ["x"], [Record("a.png", "q", ())], 1.0, [5])
     assert no_references.exact is None and no_references.contains is None and no_references.retention == 1.0
     assert "| 64 | uniform | 1.000 | – | – | 1.00 | 5.0 |" in markdown([no_references])
 
@@ -76,3 +78,14 @@ def test_bench_serve_throughput_by_budget_and_method(tmp_path: Path) -> None:
     assert bench_throughput(path, 8) == {("none", "none"): 1.0, ("64", "promprune"): 3.0}
     with pytest.raises(SystemExit, match="no runs at concurrency 32"):
         bench_throughput(path, 32)
+
+
+def test_grid_runs_unpruned_first_and_promprune_once_per_mu() -> None:
+    assert settings_grid(["none", "64", "16"], ["promprune", "uniform"], []) == [
+        Setting("none", "none"), Setting("64", "promprune"), Setting("64", "uniform"),
+        Setting("16", "promprune"), Setting("16", "uniform"),
+    ]
+    grid = settings_grid(["64"], ["promprune", "uniform"], [0.3, 0.6])
+    assert grid == [Setting("none", "none"), Setting("64", "promprune", 0.3), Setting("64", "promprune", 0.6),
+                    Setting("64", "uniform")]
+    assert [setting.label for setting in grid[1:]] == ["promprune mu=0.3", "promprune mu=0.6", "uniform"]

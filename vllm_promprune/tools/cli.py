@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--served-model-name", default=None, help="model name at --url (default: its first model)")
     quality.add_argument("--budgets", nargs="+", default=["256", "128", "64"], help="keep values (no pruning always runs)")
     quality.add_argument("--methods", nargs="+", default=["promprune", "divprune", "uniform"])
+    quality.add_argument("--mu", nargs="+", type=float, default=None,
+                         help="PromPrune mu values to compare (each a setting of its own; calibrating mu by quality)")
     quality.add_argument("--max-tokens", type=int, default=16, help="greedy answer length")
     quality.add_argument("--concurrency", type=int, default=8, help="requests in flight during a pass")
     quality.add_argument("--bench-serve", default=None, help="a bench-serve results.json of the same server")

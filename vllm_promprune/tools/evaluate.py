@@ -3,8 +3,9 @@
 Sends every record of a JSONL file (one object per line: `image` (file path relative to
 the file, http(s) URL or `sample:NAME`), `question`, optional `answer` (string) or
 `answers` (list)) to a pruning-enabled
-OpenAI server, once per setting of the grid budget × method plus once unpruned, greedy,
-and reports per setting:
+OpenAI server, once per setting of the grid budget × method (× PromPrune's `mu` with
+`--mu`: the quality side of calibrating mu) plus once unpruned, greedy, and reports per
+setting:
 
 - `retention`: the share of answers identical (exact string) to the unpruned answer for
   the same record (always; 1.0 for the unpruned row by definition);
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .show import SAMPLE_PREFIX, SAMPLES, load_image
 
@@ -94,10 +96,32 @@ def contains(answer: str, references: Sequence[str]) -> bool:
     return any(f" {normalise(reference)} " in answer for reference in references if normalise(reference))
 
 
+class Setting(NamedTuple):
+    budget: str  # "none" or the keep value
+    method: str  # "none" for the unpruned pass
+    mu: float | None = None  # PromPrune's mu (None: the server's default)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.mu is None else f"{self.method} mu={self.mu:g}"
+
+
+def settings_grid(budgets: Sequence[str], methods: Sequence[str], mus: Sequence[float]) -> list[Setting]:
+    """Unpruned first, then every budget × method; `promprune` once per mu when `mus` are given."""
+    grid = [Setting(NO_PRUNING, NO_PRUNING)]
+    for budget in budgets:
+        if budget == NO_PRUNING:
+            continue
+        for method in methods:
+            grid += [Setting(budget, method, mu) for mu in mus] if method == "promprune" and mus else [Setting(budget, method)]
+    return grid
+
+
 @dataclass
 class SettingResult:
     budget: str  # "none" or the keep value
     method: str  # "none" for the unpruned pass
+    mu: float | None  # PromPrune's mu when set by --mu
     requests_per_s: float
     mean_prompt_tokens: float
     retention: float
@@ -106,13 +130,14 @@ class SettingResult:
     answers: list[str] = field(repr=False)
 
 
-def score(budget: str, method: str, answers: Sequence[str], unpruned: Sequence[str], records: Sequence[Record],
+def score(setting: Setting, answers: Sequence[str], unpruned: Sequence[str], records: Sequence[Record],
           seconds: float, prompt_tokens: Sequence[int]) -> SettingResult:
     """One setting's figures from its answers (in record order) and the unpruned answers."""
     judged = [(answer, record.answers) for answer, record in zip(answers, records, strict=True) if record.answers]
     return SettingResult(
-        budget=budget,
-        method=method,
+        budget=setting.budget,
+        method=setting.method,
+        mu=setting.mu,
         requests_per_s=len(answers) / seconds,
         mean_prompt_tokens=sum(prompt_tokens) / len(prompt_tokens),
         retention=sum(a == b for a, b in zip(answers, unpruned, strict=True)) / len(answers),
@@ -130,15 +155,16 @@ def _image_url(image: str) -> str:
     return image_data_url(load_image(image))
 
 
-def run_setting(url: str, model: str, records: Sequence[Record], budget: str, method: str, max_tokens: int,
+def run_setting(url: str, model: str, records: Sequence[Record], setting: Setting, max_tokens: int,
                 concurrency: int) -> tuple[list[str], list[int], float]:
     """(answers, prompt tokens, wall seconds) of one pass over the records."""
     import requests
 
-    if budget == NO_PRUNING:  # explicit opt-out, so a server default budget cannot apply
+    if setting.budget == NO_PRUNING:  # explicit opt-out, so a server default budget cannot apply
         pruning: dict[str, object] = {"mm_processor_kwargs": {"promprune": {"keep": None}}}
     else:
-        pruning = {"vllm_xargs": {"promprune_keep": int(budget), "promprune_method": method}}
+        xargs = {"promprune_keep": int(setting.budget), "promprune_method": setting.method}
+        pruning = {"vllm_xargs": xargs if setting.mu is None else {**xargs, "promprune_mu": setting.mu}}
     images = [_image_url(record.image) for record in records]
 
     def ask(index: int) -> tuple[str, int]:
@@ -148,7 +174,7 @@ def run_setting(url: str, model: str, records: Sequence[Record], budget: str, me
                 "temperature": 0.0, **pruning}
         response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=900)
         if response.status_code != 200:
-            raise SystemExit(f"eval: the server refused budget {budget} method {method}: {response.text[:500]}")
+            raise SystemExit(f"eval: the server refused budget {setting.budget} {setting.label}: {response.text[:500]}")
         reply = response.json()
         return reply["choices"][0]["message"]["content"] or "", int(reply["usage"]["prompt_tokens"])
 
@@ -177,7 +203,8 @@ def markdown(results: Sequence[SettingResult]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.budget} | {r.method} | {r.retention:.3f} | {figure(r.exact)} | {figure(r.contains)} | "
+        method = r.method if r.mu is None else f"{r.method} mu={r.mu:g}"
+        lines.append(f"| {r.budget} | {method} | {r.retention:.3f} | {figure(r.exact)} | {figure(r.contains)} | "
                      f"{r.requests_per_s:.2f} | {r.mean_prompt_tokens:.1f} |")
     return "\n".join(lines)
 
@@ -207,7 +234,8 @@ def pareto_plot(results: Sequence[SettingResult], out: Path, throughput: dict[tu
             value = getattr(r, quality)
             speed = r.requests_per_s if throughput is None else throughput.get((r.budget, r.method))
             if value is not None and speed is not None:
-                points.append((speed, value, f"{r.budget}/{r.method}" if r.budget != NO_PRUNING else "no pruning"))
+                name = r.method if r.mu is None else f"{r.method} mu={r.mu:g}"
+                points.append((speed, value, f"{r.budget}/{name}" if r.budget != NO_PRUNING else "no pruning"))
         if not points:
             continue
         axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=quality)
@@ -240,16 +268,17 @@ def main(args: argparse.Namespace) -> None:
     throughput = None if args.bench_serve is None else bench_throughput(Path(args.bench_serve), args.bench_concurrency)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = [(budget, method) for budget in args.budgets if budget != NO_PRUNING for method in args.methods]
+    if args.mu and "promprune" not in args.methods:
+        raise SystemExit("eval: --mu varies PromPrune's split: add promprune to --methods")
+    grid = settings_grid(args.budgets, args.methods, args.mu or [])
 
     def evaluate(url: str, model: str) -> list[SettingResult]:
-        unpruned, tokens, seconds = run_setting(url, model, records, NO_PRUNING, NO_PRUNING, args.max_tokens,
-                                                args.concurrency)
-        results = [score(NO_PRUNING, NO_PRUNING, unpruned, unpruned, records, seconds, tokens)]
-        for budget, method in grid:
-            answers, tokens, seconds = run_setting(url, model, records, budget, method, args.max_tokens, args.concurrency)
-            results.append(score(budget, method, answers, unpruned, records, seconds, tokens))
-            print(f"budget {budget:>6} {method:<12} retention {results[-1].retention:.3f}", flush=True)
+        unpruned, tokens, seconds = run_setting(url, model, records, grid[0], args.max_tokens, args.concurrency)
+        results = [score(grid[0], unpruned, unpruned, records, seconds, tokens)]
+        for setting in grid[1:]:
+            answers, tokens, seconds = run_setting(url, model, records, setting, args.max_tokens, args.concurrency)
+            results.append(score(setting, answers, unpruned, records, seconds, tokens))
+            print(f"budget {setting.budget:>6} {setting.label:<20} retention {results[-1].retention:.3f}", flush=True)
         return results
 
     if args.url is not None:
