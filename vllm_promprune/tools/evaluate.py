@@ -147,17 +147,18 @@ def score(setting: Setting, answers: Sequence[str], unpruned: Sequence[str], rec
     )
 
 
-def _image_url(image: str) -> str:
-    if image.startswith(("http://", "https://")):
-        return image
+def image_urls(records: Sequence[Record]) -> list[str]:
+    """Each record's image as the request carries it: its URL, or a data URL (encoded once per run)."""
     from .demo import image_data_url
 
-    return image_data_url(load_image(image))
+    return [record.image if record.image.startswith(("http://", "https://")) else image_data_url(load_image(record.image))
+            for record in records]
 
 
-def run_setting(url: str, model: str, records: Sequence[Record], setting: Setting, max_tokens: int,
-                concurrency: int) -> tuple[list[str], list[int], float]:
-    """(answers, prompt tokens, wall seconds) of one pass over the records."""
+def run_setting(url: str, model: str, records: Sequence[Record], images: Sequence[str], setting: Setting,
+                max_tokens: int, concurrency: int) -> tuple[list[str], list[int], float]:
+    """(answers, prompt tokens, wall seconds) of one pass over the records, whose images are
+    given as `images` (URLs or data URLs, `image_urls`)."""
     import requests
 
     if setting.budget == NO_PRUNING:  # explicit opt-out, so a server default budget cannot apply
@@ -165,7 +166,6 @@ def run_setting(url: str, model: str, records: Sequence[Record], setting: Settin
     else:
         xargs = {"promprune_keep": int(setting.budget), "promprune_method": setting.method}
         pruning = {"vllm_xargs": xargs if setting.mu is None else {**xargs, "promprune_mu": setting.mu}}
-    images = [_image_url(record.image) for record in records]
 
     def ask(index: int) -> tuple[str, int]:
         content = [{"type": "image_url", "image_url": {"url": images[index]}},
@@ -272,11 +272,14 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("eval: --mu varies PromPrune's split: add promprune to --methods")
     grid = settings_grid(args.budgets, args.methods, args.mu or [])
 
+    images = image_urls(records)
+
     def evaluate(url: str, model: str) -> list[SettingResult]:
-        unpruned, tokens, seconds = run_setting(url, model, records, grid[0], args.max_tokens, args.concurrency)
+        unpruned, tokens, seconds = run_setting(url, model, records, images, grid[0], args.max_tokens, args.concurrency)
         results = [score(grid[0], unpruned, unpruned, records, seconds, tokens)]
         for setting in grid[1:]:
-            answers, tokens, seconds = run_setting(url, model, records, setting, args.max_tokens, args.concurrency)
+            answers, tokens, seconds = run_setting(url, model, records, images, setting, args.max_tokens,
+                                                   args.concurrency)
             results.append(score(setting, answers, unpruned, records, seconds, tokens))
             print(f"budget {setting.budget:>6} {setting.label:<20} retention {results[-1].retention:.3f}", flush=True)
         return results
