@@ -303,3 +303,19 @@ def test_dpp_kernel_from_shared_cosine_equals_its_own_product(tiny_norm: float |
         features[1, 7] = features[1, 7] / features[1, 7].norm() * tiny_norm
     kernel = dpp_kernel(features, cosine_matrix(features, 1e-8))
     assert torch.allclose(kernel, cosine_matrix(features, 1e-6), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rows_from_shared_norms_equal_f_normalize_bit_for_bit(dtype: torch.dtype) -> None:
+    import torch.nn.functional as F
+
+    from vllm_promprune.methods.common import row_norms, unit_rows
+
+    features = torch.randn(2, 50, 300, generator=_generator(32)).to(dtype)
+    features[0, 3] = 0.0
+    features[1, 4] *= 1e-9  # below both clamps
+    features[1, 5] *= 5e-7 / float(features[1, 5].float().norm())  # between the two clamps
+    for eps in (1e-6, 1e-8):
+        expected = F.normalize(features.float(), dim=-1, eps=eps)
+        assert torch.equal(unit_rows(features, eps, row_norms(features)), expected)
+        assert torch.equal(unit_rows(features, eps), expected)

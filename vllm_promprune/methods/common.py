@@ -58,9 +58,18 @@ def check_order(order: object) -> Order:
     return order  # type: ignore[return-value]
 
 
-def unit_rows(features: torch.Tensor, eps: float) -> torch.Tensor:
-    """L2-normalise each row of `features` [N, D] in float32 (norm clamped at `eps`)."""
-    return F.normalize(features.float(), dim=-1, eps=eps)
+def row_norms(features: torch.Tensor) -> torch.Tensor:
+    """float32 L2 norm of each row of `features` [..., N, D] -> [..., N]."""
+    return features.float().norm(dim=-1)
+
+
+def unit_rows(features: torch.Tensor, eps: float, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalise each row of `features` [..., N, D] in float32 (norm clamped at `eps`),
+    bit for bit as `F.normalize`. `norms` [..., N] (`row_norms`), when a caller has
+    them already, saves that pass over the features."""
+    if norms is None:
+        return F.normalize(features.float(), dim=-1, eps=eps)
+    return features.float() / norms.clamp_min(eps)[..., None]
 
 
 # Row-block height of `gram_matrix` on CPU: blocks of at most this many rows
@@ -92,9 +101,10 @@ def gram_matrix(rows: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def cosine_matrix(features: torch.Tensor, eps: float) -> torch.Tensor:
-    """Cosine similarity [B, N, N] of the rows of `features` [B, N, D] (float32, norms clamped at `eps`)."""
-    return gram_matrix(unit_rows(features, eps))
+def cosine_matrix(features: torch.Tensor, eps: float, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarity [B, N, N] of the rows of `features` [B, N, D] (float32, norms
+    clamped at `eps`; `norms` as in `unit_rows`)."""
+    return gram_matrix(unit_rows(features, eps, norms))
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import COSINE_EPS, FINE_EPS, cosine_matrix, gather_rows
+from .common import COSINE_EPS, FINE_EPS, cosine_matrix, row_norms
 
 _PIVOT_FLOOR = 1e-8
 
@@ -31,31 +31,36 @@ def least_covered(kernel: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return coverage.masked_fill(selected, float("inf")).argmin(dim=1)
 
 
-def dpp_kernel(features: torch.Tensor, cosine: torch.Tensor | None = None) -> torch.Tensor:
+def dpp_kernel(
+    features: torch.Tensor, cosine: torch.Tensor | None = None, norms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosine kernel L = Y Y^T [B, N, N] of the eps-1e-6 unit rows of features [B, N, D].
 
     `cosine`, the same product for eps-1e-8 unit rows, is rescaled instead of
     recomputed: the two differ only for rows with norm below 1e-6, and without
-    such rows `cosine` itself is returned (it is only read).
+    such rows `cosine` itself is returned (it is only read). `norms` [B, N] are the
+    features' `row_norms` if the caller has them.
     """
+    if norms is None:
+        norms = row_norms(features)
     if cosine is None:
-        return cosine_matrix(features, COSINE_EPS)
-    norms = features.float().norm(dim=-1)
+        return cosine_matrix(features, COSINE_EPS, norms)
     if not bool((norms < COSINE_EPS).any()):  # one host sync per batch
         return cosine
     scale = norms.clamp_min(FINE_EPS) / norms.clamp_min(COSINE_EPS)  # [B, N], 1 unless tiny
     return cosine * scale[:, :, None] * scale[:, None, :]
 
 
-def structural_first_pick(features: torch.Tensor) -> torch.Tensor:
+def structural_first_pick(norms: torch.Tensor) -> torch.Tensor:
     """The DPP's first pick when nothing is selected yet, per image: [B] int64.
 
-    The first pick is the argmax of the kernel diagonal, ||y_i||^2 for the eps-1e-6
-    unit rows y_i: exactly 1 for every token whose norm is at least 1e-6 (a
-    structural tie: the lowest such index, whatever float rounding says), and
-    (norm / 1e-6)^2 < 1 below that. Ranking min(norm, 1e-6) gives exactly this.
+    `norms` [B, N] are the tokens' L2 norms (`row_norms`). The first pick is the
+    argmax of the kernel diagonal, ||y_i||^2 for the eps-1e-6 unit rows y_i: exactly
+    1 for every token whose norm is at least 1e-6 (a structural tie: the lowest such
+    index, whatever float rounding says), and (norm / 1e-6)^2 < 1 below that.
+    Ranking min(norm, 1e-6) gives exactly this.
     """
-    return features.float().norm(dim=-1).clamp_max(COSINE_EPS).argmax(dim=1)
+    return norms.clamp_max(COSINE_EPS).argmax(dim=1)
 
 
 def dpp_greedy_map(
@@ -86,7 +91,8 @@ def dpp_greedy_map(
     Greedy picks do not depend on k, so a caller needing k_b <= k tokens for
     image b may take the first k_b columns.
     """
-    return dpp_from_kernel(dpp_kernel(features), structural_first_pick(features), k, selected=selected)
+    norms = row_norms(features)
+    return dpp_from_kernel(dpp_kernel(features, norms=norms), structural_first_pick(norms), k, selected=selected)
 
 
 def dpp_from_kernel(
@@ -109,20 +115,25 @@ def dpp_from_kernel(
         has_selection = selected.any(dim=1)
         current = torch.where(has_selection, least_covered(kernel, selected | ~has_selection[:, None]), current)
 
+    # The kernel row of each image's pick comes from a flat [B * N, N] view with one
+    # index_select (few small ops per step: the loop is dispatch-bound at B = 1).
+    flat_kernel = kernel.reshape(batch * num_tokens, num_tokens)
+    flat_gains, flat_taken = gains.view(-1), taken.view(-1)
+    row_offsets = torch.arange(0, batch * num_tokens, num_tokens, device=device)
     cholesky_rows = torch.zeros(batch, k, num_tokens, dtype=torch.float32, device=device)
     for step in range(k):
         picked[:, step] = current
         if step == k - 1:
             break
-        index = current[:, None]
-        taken.scatter_(1, index, True)
-        pivot = gains.gather(1, index).clamp_min(_PIVOT_FLOOR).sqrt()  # [B, 1]
-        kernel_row = gather_rows(kernel, index).squeeze(1)  # [B, N]
+        rows = current + row_offsets  # [B] rows of the flat views
+        flat_taken.index_fill_(0, rows, True)
+        pivot = flat_gains.index_select(0, rows).clamp_min_(_PIVOT_FLOOR).sqrt_()[:, None]  # [B, 1]
         earlier = cholesky_rows[:, :step]  # [B, step, N]
-        column = earlier.gather(2, index[:, None, :].expand(-1, step, 1))  # [B, step, 1]
+        column = earlier.gather(2, current[:, None, None].expand(-1, step, 1))  # [B, step, 1]
         projection = torch.bmm(column.transpose(1, 2), earlier).squeeze(1)  # [B, N]
-        new_row = (kernel_row - projection) / pivot
-        cholesky_rows[:, step] = new_row
-        gains = (gains - new_row * new_row).clamp_min(0.0)
+        new_row = cholesky_rows[:, step]
+        torch.sub(flat_kernel.index_select(0, rows), projection, out=new_row)
+        new_row.div_(pivot)
+        gains.sub_(new_row * new_row).clamp_min_(0.0)
         current = gains.masked_fill(taken, float("-inf")).argmax(dim=1)
     return picked

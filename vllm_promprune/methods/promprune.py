@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import FINE_EPS, cosine_matrix, descending_stable, gram_matrix, unit_rows
+from .common import FINE_EPS, cosine_matrix, descending_stable, gram_matrix, row_norms, unit_rows
 from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel, structural_first_pick
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
@@ -202,10 +202,12 @@ def promprune_select(
         then stage-2 tokens in coverage pick order.
     """
     batch, num_tokens, _ = features.shape
-    # One product serves both the spectral Gram and the DPP kernel.
-    cosine = None
+    # One product serves both the spectral Gram and the DPP kernel; one pass of norms
+    # serves the unit rows, the kernel and the DPP's first pick.
+    cosine = norms = None
     if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
-        cosine = cosine_matrix(features, FINE_EPS)
+        norms = row_norms(features)
+        cosine = cosine_matrix(features, FINE_EPS, norms)
     k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
     by_saliency = descending_stable(saliency)  # [B, N]
     rank = torch.empty_like(by_saliency).scatter_(
@@ -217,7 +219,7 @@ def promprune_select(
     # stage 2 once for the whole batch and keep each image's first k_cov picks.
     if options.coverage == "dpp":
         coverage = dpp_from_kernel(
-            dpp_kernel(features, cosine), structural_first_pick(features), int(k_cov.max()), selected=salient
+            dpp_kernel(features, cosine, norms), structural_first_pick(norms), int(k_cov.max()), selected=salient
         )
     else:
         coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
