@@ -23,10 +23,11 @@ STOCK_TOKENS = {
     "qwen2-vl": [(w // 28) * (h // 28) for w, h in SIZES],
     # Qwen3-VL resizes to multiples of its 32 x 32 px merged cell: 672 x 336 -> 672 x 320.
     "qwen3-vl": [21 * 10, 10 * 21],
-    "qwen3-vl-moe": [21 * 10, 10 * 21],
 }
+# Qwen3-VL-MoE is served through the same processor, model template and routes as
+# Qwen3-VL; its engine-level tests are in test_engine_qwen.py.
 CHECKPOINTS = {"llava-next": "tiny_llava_next", "qwen2.5-vl": "tiny_qwen2_5_vl", "qwen2-vl": "tiny_qwen2_vl",
-               "qwen3-vl": "tiny_qwen3_vl", "qwen3-vl-moe": "tiny_qwen3_vl_moe"}
+               "qwen3-vl": "tiny_qwen3_vl"}
 
 
 @pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))
