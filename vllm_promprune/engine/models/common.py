@@ -21,7 +21,7 @@ from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageEmbeddingItems, MultiModalDataItems
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalIsCached
@@ -134,6 +134,11 @@ class PruningProcessorMixin:
         settings = self.prune_settings(hf_processor_mm_kwargs, mm_items.get_count("image", strict=False))
         if not any(image_settings.has_budget for image_settings in settings):
             return updates
+        if not isinstance(mm_items.get("image"), ImageProcessorItems):  # tensor or dict (Qwen) embeddings
+            raise ValueError(
+                "promprune.keep: pruning needs image pixels; it cannot apply to precomputed "
+                "image embeddings (omit keep/ratio, or opt out with keep: null, for such requests)"
+            )
         self.check_pruned_images(settings, out_mm_kwargs)
         return [self._shortened(update, settings, mm_items) if update.modality == "image" else update for update in updates]
 
@@ -143,11 +148,6 @@ class PruningProcessorMixin:
         """The same update with image i's placeholder run cut to `settings[i].placeholders`."""
 
         def replacement(item_idx: int) -> list[int]:
-            if isinstance(mm_items.get("image"), ImageEmbeddingItems):
-                raise ValueError(
-                    "promprune.keep: pruning needs image pixels; it cannot apply to "
-                    "precomputed image_embeds (omit keep/ratio for such requests)"
-                )
             content = update.replacement
             tokens = content(item_idx) if callable(content) else content
             if not isinstance(tokens, list) or len(set(tokens)) != 1:
