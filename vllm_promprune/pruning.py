@@ -19,6 +19,10 @@ from .methods import METHODS, TokenBatch, reduce_tokens
 from .methods.controls import uniform
 from .settings import PruneSettings
 
+CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields)
+"""A tower with a CLS token and saliency-layer keys (CLIP) provides every `TokenBatch` input."""
+CLS_TOWER_NAME = "this model's vision tower"
+
 SelectionFailureHandler = Callable[[PruneSettings, int, BaseException], None]
 """`on_failure(settings, num_images, error)`: told when a group's selection raised."""
 

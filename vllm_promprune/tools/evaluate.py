@@ -96,6 +96,11 @@ def contains(answer: str, references: Sequence[str]) -> bool:
     return any(f" {normalise(reference)} " in answer for reference in references if normalise(reference))
 
 
+def setting_label(method: str, mu: float | None) -> str:
+    """A setting's method as tables and plots name it: `promprune mu=0.5` when mu is set."""
+    return method if mu is None else f"{method} mu={mu:g}"
+
+
 class Setting(NamedTuple):
     budget: str  # "none" or the keep value
     method: str  # "none" for the unpruned pass
@@ -103,7 +108,7 @@ class Setting(NamedTuple):
 
     @property
     def label(self) -> str:
-        return self.method if self.mu is None else f"{self.method} mu={self.mu:g}"
+        return setting_label(self.method, self.mu)
 
 
 def settings_grid(budgets: Sequence[str], methods: Sequence[str], mus: Sequence[float]) -> list[Setting]:
@@ -203,9 +208,8 @@ def markdown(results: Sequence[SettingResult]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        method = r.method if r.mu is None else f"{r.method} mu={r.mu:g}"
-        lines.append(f"| {r.budget} | {method} | {r.retention:.3f} | {figure(r.exact)} | {figure(r.contains)} | "
-                     f"{r.requests_per_s:.2f} | {r.mean_prompt_tokens:.1f} |")
+        lines.append(f"| {r.budget} | {setting_label(r.method, r.mu)} | {r.retention:.3f} | {figure(r.exact)} | "
+                     f"{figure(r.contains)} | {r.requests_per_s:.2f} | {r.mean_prompt_tokens:.1f} |")
     return "\n".join(lines)
 
 
@@ -234,8 +238,8 @@ def pareto_plot(results: Sequence[SettingResult], out: Path, throughput: dict[tu
             value = getattr(r, quality)
             speed = r.requests_per_s if throughput is None else throughput.get((r.budget, r.method))
             if value is not None and speed is not None:
-                name = r.method if r.mu is None else f"{r.method} mu={r.mu:g}"
-                points.append((speed, value, f"{r.budget}/{name}" if r.budget != NO_PRUNING else "no pruning"))
+                label = "no pruning" if r.budget == NO_PRUNING else f"{r.budget}/{setting_label(r.method, r.mu)}"
+                points.append((speed, value, label))
         if not points:
             continue
         axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=quality)

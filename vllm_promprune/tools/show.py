@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..pruning import TowerOutput, prune_images_indexed
+from ..pruning import CLS_TOWER_INPUTS, CLS_TOWER_NAME, TowerOutput, prune_images_indexed
 
 STAGE_COLOURS = {"saliency": "#ff3b30", "coverage": "#00c7be", "kept": "#ffd60a"}
 
@@ -42,9 +42,10 @@ class ImageTokens:
     project: Callable[[torch.Tensor], torch.Tensor]  # [..., Dv] -> [..., D]
     boxes: torch.Tensor  # [N, 4] float (x0, y0, x1, y1) in original image pixels
     outlined: torch.Tensor  # [N] bool: drawn as outlines (LLaVA-NeXT base view), not revealed
-    option_defaults: Mapping[str, object]  # the family's method-option defaults (PromPrune's mu)
-    tower_inputs: frozenset[str]  # the TokenBatch inputs the family's tower provides
-    tower_name: str
+    # What the engine's processor validates settings with for this family (defaults: CLIP).
+    option_defaults: Mapping[str, object] = field(default_factory=dict)  # e.g. PromPrune's mu
+    tower_inputs: frozenset[str] = CLS_TOWER_INPUTS  # the TokenBatch inputs the family's tower provides
+    tower_name: str = CLS_TOWER_NAME
 
 
 def image_tokens(reference: object, image: object) -> ImageTokens:
@@ -58,12 +59,6 @@ def image_tokens(reference: object, image: object) -> ImageTokens:
     if isinstance(reference, PrunedQwen2VLReference):
         return _qwen_tokens(reference, image)
     raise TypeError(f"no token geometry for {type(reference).__name__}")
-
-
-def _clip_families() -> tuple[Mapping[str, object], frozenset[str], str]:
-    from ..methods import TokenBatch
-
-    return {}, frozenset(TokenBatch._fields), "this model's vision tower"
 
 
 def _patch_boxes(rows: torch.Tensor, cols: torch.Tensor, size: float) -> torch.Tensor:
@@ -87,9 +82,7 @@ def _llava_tokens(reference: object, image: object) -> ImageTokens:
     boxes[:, 0::2] *= width / resized_w
     boxes[:, 1::2] *= height / resized_h
     tower = reference.tower_output(reference.pixel_values([image]))
-    defaults, inputs, name = _clip_families()
-    return ImageTokens(tower, reference.model.model.multi_modal_projector, boxes, torch.zeros(len(boxes), dtype=torch.bool),
-                       defaults, inputs, name)
+    return ImageTokens(tower, reference.model.model.multi_modal_projector, boxes, torch.zeros(len(boxes), dtype=torch.bool))
 
 
 def _llava_next_tokens(reference: object, image: object) -> ImageTokens:
@@ -131,8 +124,7 @@ def _llava_next_tokens(reference: object, image: object) -> ImageTokens:
         saliency=views.saliency.flatten()[layout.content_index][None],
         keys=torch.cat([views.keys[0, :1], keys])[None],
     )
-    defaults, inputs, name = _clip_families()
-    return ImageTokens(tower, reference.model.model.multi_modal_projector, boxes, is_base, defaults, inputs, name)
+    return ImageTokens(tower, reference.model.model.multi_modal_projector, boxes, is_base)
 
 
 def _qwen_tokens(reference: object, image: object) -> ImageTokens:

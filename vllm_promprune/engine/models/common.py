@@ -26,7 +26,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
-from ...methods import TokenBatch
+from ...pruning import CLS_TOWER_INPUTS, CLS_TOWER_NAME
 from ...settings import (
     SETTINGS_KEY,
     PruneSettings,
@@ -65,9 +65,9 @@ class PruningProcessorMixin:
 
     option_defaults: ClassVar[Mapping[str, object]] = {}
     """Model-family defaults for method options (e.g. PromPrune's mu)."""
-    tower_inputs: ClassVar[frozenset[str]] = frozenset(TokenBatch._fields)
+    tower_inputs: ClassVar[frozenset[str]] = CLS_TOWER_INPUTS
     """The `TokenBatch` inputs this family's tower provides (methods needing others are refused)."""
-    tower_name: ClassVar[str] = "this model's vision tower"
+    tower_name: ClassVar[str] = CLS_TOWER_NAME
 
     def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object], num_images: int) -> list[PruneSettings]:
         """Validated settings for each of the `num_images` images being processed."""
