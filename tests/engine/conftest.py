@@ -208,6 +208,14 @@ def max_differences(engine: list[tuple], reference: list[tuple]) -> dict[str, fl
     return worst
 
 
+def guard_noise(measured: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
+    """Std of the noise a margin guard adds to each field of the reference's tower outputs:
+    10x the engine-vs-reference difference `measured` on THIS machine (vLLM's CPU kernels
+    round differently with and without AVX-512), and never below `floor`, the noise the
+    cases were first checked with."""
+    return {field: max(floor[field], 10 * measured[field]) for field in floor}
+
+
 def jittered(tower, jitter: dict[str, float], generator):  # noqa: ANN201
     """`tower` (a TowerOutput) plus Gaussian noise of std `jitter[field]` on hidden, saliency and keys."""
     import torch

@@ -20,6 +20,7 @@ from .conftest import (
     assert_bit_identical,
     engine_tower_outputs,
     greedy_params,
+    guard_noise,
     jittered,
     max_differences,
     offline_engine,
@@ -71,12 +72,12 @@ REFERENCE_SETTINGS = [
 # 64x the guard's noise (5 draws per scale); seed 16 (first moves at 64x in 5 draws)
 # moved once in the guard's 177 draws on another machine of this kind.
 MICRO_BATCH_SEEDS = (12, 14, 15, 17, 19)
-# Std of the noise the margin guard adds to the reference's tower outputs: at least 10x
-# the vLLM-vs-transformers max abs difference the guard measures on the same images
-# (measured 2026-12-01: hidden 3.8e-6, CLS attention 5.8e-10, keys 5.4e-7; projected
-# features 7.1e-8, which this noise moves by 5.3e-6). The cases' selections first change
-# at 3x to >100x this noise (5 draws per scale).
-JITTER = {"hidden": 6e-5, "saliency": 8e-9, "keys": 8e-6}
+# Floor of the noise the margin guard adds to the reference's tower outputs; the guard
+# uses 10x the vLLM-vs-transformers max abs difference it measures on the machine it runs
+# on when that is larger (`guard_noise`). Measured 2026-12-01 (no AVX-512): hidden 3.8e-6,
+# CLS attention 5.8e-10, keys 5.4e-7; projected features 7.1e-8, which the floor moves by
+# 5.3e-6. The cases' selections first change at 3x to >100x the floor (5 draws per scale).
+JITTER_FLOOR = {"hidden": 6e-5, "saliency": 8e-9, "keys": 8e-6}
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +146,10 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     """Guards the comparisons with the reference (the test above and the micro-batch one).
 
     1. Measures how far the engine's tower outputs for these images are from the
-       reference's (max abs, over real pruned requests) and checks that JITTER is at
-       least 10x that, also after the projector.
+       reference's (max abs, over real pruned requests); the noise is 10x that on this
+       machine, at least JITTER_FLOOR, and must move the projected features 10x as far.
     2. Checks that the PromPrune settings use the split they claim.
-    3. Adds noise of std JITTER to the reference's tower outputs (3 draws) and checks
+    3. Adds that noise to the reference's tower outputs (3 draws) and checks
        that every selection (indices, VisionZip's plan) stays exactly the same.
     """
     import torch
@@ -165,13 +166,14 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     with torch.inference_mode():
         ours = [(t.hidden, t.saliency, t.keys, projector(t.hidden[:, 1:])) for t in towers.values()]
         measured = max_differences(engine, ours)
+        noise = guard_noise(measured, JITTER_FLOOR)
         generator = torch.Generator().manual_seed(0)
         moved = max(
-            float((projector(jittered(t, JITTER, generator).hidden[:, 1:]) - projector(t.hidden[:, 1:])).abs().max())
+            float((projector(jittered(t, noise, generator).hidden[:, 1:]) - projector(t.hidden[:, 1:])).abs().max())
             for t in towers.values()
         )
-    for field in ("hidden", "saliency", "keys"):
-        assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
+    for field in ("hidden", "saliency", "keys"):  # the engine really differs from the reference here
+        assert 0 < measured[field], (field, measured)
     assert moved >= 10 * measured["projected"] > 0, (moved, measured)
 
     for seed in REFERENCE_SEEDS:
@@ -192,7 +194,7 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
         clean = selections(prune, towers[seed])
         assert clean, raw
         for _ in range(3):
-            assert same_selections(selections(prune, jittered(towers[seed], JITTER, generator)), clean), (seed, raw)
+            assert same_selections(selections(prune, jittered(towers[seed], noise, generator)), clean), (seed, raw)
 
 
 def test_budgets_in_one_batch_with_prefix_caching_equal_solo_runs(pruned_llm) -> None:

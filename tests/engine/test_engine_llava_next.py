@@ -25,6 +25,7 @@ from .conftest import (
     assert_bit_identical,
     engine_tower_outputs,
     greedy_params,
+    guard_noise,
     jittered,
     max_differences,
     offline_engine,
@@ -71,11 +72,13 @@ TWO_IMAGE_CASES = [
     ([("wide", 4), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
     ([("tall", 8), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
 ]
-# Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
-# (2026-12-01 on these images: hidden 4.6e-6, CLS attention 5.8e-10, keys 5.7e-7; projected
-# features 7.1e-8, which this noise moves by 6.2e-6). The cases' selections first change at
-# 2x to >100x this noise (5 draws per scale; the weakest: keep=1000 by attention and VisionZip).
-JITTER = {"hidden": 6e-5, "saliency": 8e-9, "keys": 8e-6}
+# Floor of the margin guard's noise std; it uses 10x the vLLM-vs-transformers max abs
+# difference it measures on the machine it runs on when that is larger (`guard_noise`).
+# Measured 2026-12-01 on these images: hidden 4.6e-6, CLS attention 5.8e-10, keys 5.7e-7;
+# projected features 7.1e-8, which the floor moves by 6.2e-6. The cases' selections first
+# change at 2x to >100x the floor (5 draws per scale; the weakest: keep=1000 by attention
+# and VisionZip).
+JITTER_FLOOR = {"hidden": 6e-5, "saliency": 8e-9, "keys": 8e-6}
 
 
 def _layout(size: str):  # noqa: ANN202
@@ -170,9 +173,10 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     """Guards the comparisons with the reference above (see test_engine_llava.py).
 
     Measures the engine-vs-reference difference of the tower outputs on every image
-    they use and checks JITTER is >= 10x it (also after the projector), checks the
-    PromPrune splits, and checks that noise of std JITTER on the reference's tower
-    outputs leaves every selection (indices, VisionZip plans) exactly as it is.
+    they use, derives the noise from it (`guard_noise`: 10x, at least JITTER_FLOOR; it
+    must also move the projected features 10x as far), checks the PromPrune splits, and
+    checks that this noise on the reference's tower outputs leaves every selection
+    (indices, VisionZip plans) exactly as it is.
     """
     import torch
 
@@ -195,13 +199,14 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     with torch.inference_mode():
         ours = [(t.hidden, t.saliency, t.keys, projector(t.hidden[:, 1:])) for _, t in towers.values()]
         measured = max_differences(engine, ours)
+        noise = guard_noise(measured, JITTER_FLOOR)
         generator = torch.Generator().manual_seed(0)
         moved = max(
-            float((projector(jittered(t, JITTER, generator).hidden[:, 1:]) - projector(t.hidden[:, 1:])).abs().max())
+            float((projector(jittered(t, noise, generator).hidden[:, 1:]) - projector(t.hidden[:, 1:])).abs().max())
             for _, t in towers.values()
         )
-    for field in ("hidden", "saliency", "keys"):
-        assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
+    for field in ("hidden", "saliency", "keys"):  # the engine really differs from the reference here
+        assert 0 < measured[field], (field, measured)
     assert moved >= 10 * measured["projected"] > 0, (moved, measured)
 
     for size in SIZES:  # the PromPrune splits the settings claim (global, and per view)
@@ -226,7 +231,7 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
             clean = selections(prune, tower)
             assert clean, (size, seed, raw)
             for _ in range(3):
-                noisy = selections(prune, jittered(tower, JITTER, generator))
+                noisy = selections(prune, jittered(tower, noise, generator))
                 assert same_selections(noisy, clean), (size, seed, raw)
 
 

@@ -33,6 +33,7 @@ from .conftest import (
     assert_bit_identical,
     engine_tower_outputs,
     greedy_params,
+    guard_noise,
     jittered,
     max_differences,
     offline_engine,
@@ -118,11 +119,13 @@ FAMILIES = {
     "qwen3-vl": Family("tiny_qwen3_vl", QWEN3_IMAGES, 98),
     "qwen3-vl-moe": Family("tiny_qwen3_vl_moe", QWEN3_IMAGES, 98),  # the same tower weights as the dense one
 }
-# Noise std of the margin guard: >= 10x the measured vLLM-vs-transformers max abs difference
-# (2026-12-01 on these images: merger input 3.8e-6, received attention 2.3e-10; merged
-# features 2.4e-7, which this noise moves by 3.6e-5). The cases' selections first change at
-# 2x to >100x this noise (5 draws per scale).
-JITTER = {"hidden": 6e-5, "saliency": 3e-9, "keys": 0.0}  # no keys: Qwen's tower has none
+# Floor of the margin guard's noise std; it uses 10x the vLLM-vs-transformers max abs
+# difference it measures on the machine it runs on when that is larger (`guard_noise`:
+# received attention measured 2.3e-10 on one machine, 3.5e-10 on an AVX-512 one, where a
+# fixed 3e-9 failed the old 10x check). At 2026-12-01 on these images: merger input 3.8e-6;
+# merged features 2.4e-7, which the floor moves by 3.6e-5. The cases' selections first change
+# at 2x to >100x the floor (5 draws per scale).
+JITTER_FLOOR = {"hidden": 6e-5, "saliency": 3e-9, "keys": 0.0}  # no keys: Qwen's tower has none
 
 
 def _video(num_frames: int = 4, seed: int = 0, fps: float = 2.0) -> tuple:
@@ -278,9 +281,10 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
     """Guards the comparisons with the reference in this module (see test_engine_llava.py).
 
     Measures the engine-vs-reference difference of the tower outputs (merger inputs,
-    received attention) on every image they use and checks JITTER is >= 10x it (also
-    after the merger), checks the PromPrune splits, and checks that noise of std JITTER
-    on the reference's tower outputs leaves every selection exactly as it is.
+    received attention) on every image they use, derives the noise from it
+    (`guard_noise`: 10x, at least JITTER_FLOOR; it must also move the merged features 10x
+    as far), checks the PromPrune splits, and checks that this noise on the reference's
+    tower outputs leaves every selection exactly as it is.
     """
     from vllm_promprune.families.qwen_vision import QWEN_OPTION_DEFAULTS
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
@@ -302,13 +306,14 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
     with torch.inference_mode():
         ours = [(t.hidden, t.saliency, t.keys, project(t.hidden[:, 1:])) for t in towers.values()]
         measured = max_differences(engine, ours)
+        noise = guard_noise(measured, JITTER_FLOOR)
         generator = torch.Generator().manual_seed(0)
         moved = max(
-            float((project(jittered(t, JITTER, generator).hidden[:, 1:]) - projected).abs().max())
+            float((project(jittered(t, noise, generator).hidden[:, 1:]) - projected).abs().max())
             for t, (_, _, _, projected) in zip(towers.values(), ours)
         )
-    for field in ("hidden", "saliency"):
-        assert 0 < measured[field] and JITTER[field] >= 10 * measured[field], (field, measured)
+    for field in ("hidden", "saliency"):  # the engine really differs from the reference here
+        assert 0 < measured[field], (field, measured)
     assert moved >= 10 * measured["projected"] > 0, (moved, measured)
 
     for size in SIZE_NAMES:  # the PromPrune splits the settings claim
@@ -331,7 +336,7 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
             clean = selections(prune, towers[image])
             assert clean, (image, raw)
             for _ in range(3):
-                noisy = selections(prune, jittered(towers[image], JITTER, generator))
+                noisy = selections(prune, jittered(towers[image], noise, generator))
                 assert same_selections(noisy, clean), (image, raw)
 
 
