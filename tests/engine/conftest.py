@@ -175,6 +175,22 @@ def take_recorded_towers(model) -> bytes:
     return buffer.getvalue()
 
 
+def take_tower_runs(model) -> int:
+    """How many tower inputs (images, or LLaVA-NeXT views) the pruning path ran since
+    `start_recording_towers`; stops recording."""
+    module, name, original, recorded = model.tower_recording
+    setattr(module, name, original)
+    del model.tower_recording
+    return sum(t.hidden.shape[0] for t in recorded)
+
+
+def tower_runs(llm, requests: list[dict]) -> int:
+    """Tower inputs the engine ran for pruning while serving `requests` (one batch)."""
+    llm.apply_model(start_recording_towers)
+    run(llm, requests, max_tokens=1)
+    return sum(llm.apply_model(take_tower_runs))
+
+
 def engine_tower_outputs(llm, requests: list[dict]) -> list[tuple]:
     """(hidden, saliency, keys, projected) the engine computes for each request's one image.
 

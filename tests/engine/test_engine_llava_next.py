@@ -32,6 +32,7 @@ from .conftest import (
     run,
     same_selections,
     selections,
+    tower_runs,
 )
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
@@ -152,6 +153,22 @@ def test_prefix_cache_hit_then_different_question(pruned_llm, reference) -> None
         reference, [image], settings, question
     )
     assert list(first.outputs[0].token_ids) == _expected(reference, [image], settings)[1]
+
+
+def test_each_image_is_identified_by_its_own_settings(pruned_llm) -> None:
+    """vLLM's processing, encoder and prefix caches key an image by its content and ITS
+    resolved settings only: not by the settings of the other images in the request."""
+    wide, tall = CASES.scene("wide", 30), CASES.scene("tall", 31)
+    (ids, _), = run(pruned_llm, [CASES.request([wide, wide], {"keep": 50}, TWO_IMAGES)], max_tokens=1)
+    text = len(ids) - 100
+    for budgets in ([3, 100], [100, 3]):  # two copies of one image, each with its own budget
+        (ids, _), = run(pruned_llm, [CASES.request([wide, wide], {"keep": budgets}, TWO_IMAGES)], max_tokens=1)
+        assert len(ids) == text + 103, budgets
+    # Only the first image's budget changes: the second comes from the encoder cache (the
+    # prefix cache cannot cover it: it follows the changed image).
+    views = {size: _layout(size).num_views for size in ("wide", "tall")}
+    assert tower_runs(pruned_llm, [CASES.request([tall, wide], {"keep": [30, 48]}, TWO_IMAGES)]) == views["tall"] + views["wide"]
+    assert tower_runs(pruned_llm, [CASES.request([tall, wide], {"keep": [31, 48]}, TWO_IMAGES)]) == views["tall"]
 
 
 def test_two_images_with_different_budgets_in_one_request(pruned_llm, reference) -> None:

@@ -41,15 +41,16 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield family, process
 
 
-def _chat(server: ServerProcess, images: int, **extra: object) -> requests.Response:
+def _chat(server: ServerProcess, images: list[int], **extra: object) -> requests.Response:
+    """A chat request with the scenes of `images` (indices into SIZES; repeats are copies)."""
     content = [{"type": "image_url", "image_url": {"url": image_data_url(scene_image(i, *SIZES[i]))}}
-               for i in range(images)]
+               for i in images]
     body = {"model": "tiny", "messages": [{"role": "user", "content": [*content, {"type": "text", "text": "Describe."}]}],
             "max_tokens": 4, "temperature": 0.0, **extra}
     return requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=600)
 
 
-def _prompt_tokens(server: ServerProcess, images: int, **extra: object) -> int:
+def _prompt_tokens(server: ServerProcess, images: list[int], **extra: object) -> int:
     response = _chat(server, images, **extra)
     assert response.status_code == 200, response.text
     return response.json()["usage"]["prompt_tokens"]
@@ -58,10 +59,10 @@ def _prompt_tokens(server: ServerProcess, images: int, **extra: object) -> int:
 def test_per_request_budgets(served: tuple[str, ServerProcess]) -> None:
     family, server = served
     stock = STOCK_TOKENS[family]
-    unpruned = _prompt_tokens(server, 1, vllm_xargs={"promprune_keep": 100_000})
-    assert _prompt_tokens(server, 1) == unpruned - stock[0] + 24  # server default --keep 24
-    assert _prompt_tokens(server, 1, vllm_xargs={"promprune_keep": 60}) == unpruned - stock[0] + 60
-    assert _prompt_tokens(server, 1, mm_processor_kwargs={"promprune": {"keep": 7, "method": "fps"}}) == (
+    unpruned = _prompt_tokens(server, [0], vllm_xargs={"promprune_keep": 100_000})
+    assert _prompt_tokens(server, [0]) == unpruned - stock[0] + 24  # server default --keep 24
+    assert _prompt_tokens(server, [0], vllm_xargs={"promprune_keep": 60}) == unpruned - stock[0] + 60
+    assert _prompt_tokens(server, [0], mm_processor_kwargs={"promprune": {"keep": 7, "method": "fps"}}) == (
         unpruned - stock[0] + 7
     )
 
@@ -69,10 +70,15 @@ def test_per_request_budgets(served: tuple[str, ServerProcess]) -> None:
 def test_one_budget_per_image(served: tuple[str, ServerProcess]) -> None:
     family, server = served
     stock = STOCK_TOKENS[family]
-    unpruned = _prompt_tokens(server, 2, vllm_xargs={"promprune_keep": 100_000})
-    pruned = _prompt_tokens(server, 2, vllm_xargs={"promprune_keep": [10, 30]})
+    unpruned = _prompt_tokens(server, [0, 1], vllm_xargs={"promprune_keep": 100_000})
+    pruned = _prompt_tokens(server, [0, 1], vllm_xargs={"promprune_keep": [10, 30]})
     assert pruned == unpruned - sum(stock) + 40
-    wrong = _chat(server, 2, vllm_xargs={"promprune_keep": [10]})
+    # Two copies of one image are two items, each with its own budget (vLLM's processing
+    # cache must not serve the second copy, and its placeholder count, from the first).
+    text = unpruned - sum(stock)
+    assert _prompt_tokens(server, [0, 0], vllm_xargs={"promprune_keep": [3, 100]}) == text + 103
+    assert _prompt_tokens(server, [0, 0], vllm_xargs={"promprune_keep": [100, 3]}) == text + 103
+    wrong = _chat(server, [0, 1], vllm_xargs={"promprune_keep": [10]})
     assert wrong.status_code == 400
     assert "promprune.keep: a list needs one value per image" in wrong.json()["error"]["message"]
-    assert _prompt_tokens(server, 1) > 0  # still serving
+    assert _prompt_tokens(server, [0]) > 0  # still serving

@@ -13,13 +13,15 @@ with `SELECTION_HOOKS` (metrics and the last-resort guard).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from transformers import BatchFeature
 from vllm.config import VllmConfig
+from vllm.inputs import MultiModalHashes
 from vllm.logger import init_logger
+from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
@@ -78,6 +80,24 @@ class PruningProcessorMixin:
         for image_settings in settings:
             image_settings.check_inputs(self.tower_inputs, self.tower_name)
         return settings
+
+    def _get_mm_hashes(self, inputs: ProcessorInputs) -> MultiModalHashes:
+        # vLLM hashes the whole request's kwargs into every item: two copies of one image
+        # with budgets [3, 300] would share one identity (the processor cache would serve the
+        # second copy, and its 3 placeholders, from the first), and an image's identity would
+        # change with its neighbours' budgets. Each image is hashed with its OWN resolved
+        # settings (server default included) instead; other modalities with none.
+        stock_kwargs = without_settings(inputs.hf_processor_mm_kwargs)
+        hashes = dict(super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=stock_kwargs)))
+        images = hashes.get("image")
+        if images:
+            settings = self.prune_settings(inputs.hf_processor_mm_kwargs, len(images))
+            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+            hashes["image"] = [
+                MultiModalHasher.hash_kwargs(algorithm, mm_hash=image_hash, promprune=image_settings.model_dump_json())
+                for image_hash, image_settings in zip(images, settings, strict=True)
+            ]
+        return hashes
 
     def _get_cache_missing_processor_kwargs(
         self, inputs: ProcessorInputs, mm_is_cached: MultiModalIsCached
