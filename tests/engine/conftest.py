@@ -86,22 +86,64 @@ def assert_bit_identical(stock_llm, pruned_llm, stock_requests: list[dict], prun
         assert p.outputs[0].logprobs == s.outputs[0].logprobs  # exact floats
 
 
-def start_recording_positions(model) -> None:
-    """Record the positions every LM forward pass receives (run through `LLM.apply_model`).
+def _argument(name: str, index: int, args: tuple, kwargs: dict):  # noqa: ANN202
+    return kwargs[name] if name in kwargs else args[index]
 
-    Wraps the decoder's `forward` (vLLM's compile decorator bypasses module hooks;
-    the engine runs eager here).
+
+def start_recording_positions(model) -> None:
+    """Record the positions the language model used in every forward pass (run through
+    `LLM.apply_model`): the tensor the runner passed to the model's `forward`, read after
+    it returns (the pruned Qwen models add the kept tokens' offsets to it in place).
+
+    Wraps the top-level `forward` only, which vLLM runs eagerly also when the language
+    model is compiled (enforce_eager=False).
     """
     recorded: list = []
-    decoder = model.language_model.model
-    forward = decoder.forward
+    forward = model.forward
 
     def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        recorded.append(kwargs["positions"].detach().cpu().clone())
+        result = forward(*args, **kwargs)
+        recorded.append(_argument("positions", 1, args, kwargs).detach().cpu().clone())
+        return result
+
+    model.forward = recording_forward
+    model.recorded_positions = recorded
+
+
+def start_recording_buffers(model) -> None:
+    """Record, for every forward pass of an eager engine, whether the decoder received the
+    very storage (`data_ptr`) of the positions and inputs_embeds the runner passed to the
+    model (CUDA graphs replay against captured addresses), and whether M-RoPE offsets
+    were pending (`take_recorded_buffers`)."""
+    recorded: list = []
+    forward, decoder_forward = model.forward, model.language_model.model.forward
+    passed: dict = {}
+
+    def recording_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        passed["positions"] = _argument("positions", 1, args, kwargs).data_ptr()
+        passed["inputs_embeds"] = kwargs["inputs_embeds"].data_ptr() if kwargs.get("inputs_embeds") is not None else None
+        passed["offsets"] = getattr(model, "_pending_offsets", None) is not None
         return forward(*args, **kwargs)
 
-    decoder.forward = recording_forward
-    model.recorded_positions = recorded
+    def recording_decoder(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        embeds = kwargs.get("inputs_embeds")
+        recorded.append((
+            passed["offsets"],
+            kwargs["positions"].data_ptr() == passed["positions"],
+            (embeds.data_ptr() if embeds is not None else None) == passed["inputs_embeds"],
+        ))
+        return decoder_forward(*args, **kwargs)
+
+    model.forward, model.language_model.model.forward = recording_forward, recording_decoder
+    model.recorded_buffers = (forward, decoder_forward, recorded)
+
+
+def take_recorded_buffers(model) -> list[tuple[bool, bool, bool]]:
+    """(offsets pending, same positions storage, same inputs_embeds storage) per forward
+    pass since `start_recording_buffers`; stops recording."""
+    model.forward, model.language_model.model.forward, recorded = model.recorded_buffers
+    del model.recorded_buffers
+    return recorded
 
 
 def take_recorded_positions(model):  # noqa: ANN201

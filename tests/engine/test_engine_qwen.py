@@ -40,7 +40,9 @@ from .conftest import (
     run,
     same_selections,
     selections,
+    start_recording_buffers,
     start_recording_positions,
+    take_recorded_buffers,
     take_recorded_positions,
 )
 
@@ -275,6 +277,35 @@ def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, re
     assert (ids, tokens) == (expected_ids, expected_tokens)
     assert torch.equal(positions, expected_positions)
     assert sum(1 for t in ids if t == reference.config.image_token_id) == 150
+
+
+def test_language_model_reads_the_runners_buffers(pruned_llm, cases) -> None:
+    """CUDA graphs replay against the addresses they captured: the decoder must receive the
+    runner's own positions (with the kept tokens' offsets written into it) and
+    inputs_embeds, not new tensors, in every step, those with offsets included."""
+    pruned_llm.apply_model(start_recording_buffers)
+    run(pruned_llm, [cases.request([cases.scene("wide", 40)], {"keep": 30})], max_tokens=2)
+    (steps,) = pruned_llm.apply_model(take_recorded_buffers)
+    assert any(offsets for offsets, _, _ in steps), "no step carried M-RoPE offsets"
+    assert all(same_positions and same_embeds for _, same_positions, same_embeds in steps), steps
+
+
+def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl: Path) -> None:
+    """The position check of test_kept_tokens_carry_true_grid_positions with the language
+    model compiled (enforce_eager=False: torch.compile on the CPU backend, which is how the
+    GPU runner prepares its CUDA graphs): positions read from the runner's tensor after
+    each forward, tokens and positions against transformers' `get_rope_index`."""
+    from vllm_promprune.reference import load_reference
+
+    reference = load_reference(tiny_qwen2_5_vl)
+    images = FAMILIES["qwen2.5-vl"].images
+    image = images.cases.textured("wide")
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True, enforce_eager=False) as llm:
+        ids, tokens, positions = _solo_with_positions(llm, images.cases.request([image], GRID_SETTINGS))
+    expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [image], GRID_SETTINGS)
+    assert ids == expected_ids
+    assert torch.equal(positions, expected_positions)
+    assert tokens == expected_tokens
 
 
 def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> None:

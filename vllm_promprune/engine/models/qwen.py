@@ -13,7 +13,8 @@ In vLLM terms:
   travel with the rows through vLLM's encoder cache, so a chunked prefill that
   consumes an image over several steps gets each row's own offset.
 - `embed_input_ids` strips the columns and remembers the offsets of this
-  step's multimodal tokens; `forward` adds them to the positions.
+  step's multimodal tokens; `forward` adds them in place to the positions
+  tensor the runner passed (its persistent buffer, which CUDA graphs read).
 - A prefix-cache hit that covers a whole image skips all of this: its keys are
   already cached, and the text after it was positioned at arrival.
 
@@ -164,11 +165,14 @@ class PrunedQwenMixin:
         if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         offsets = decode_offsets(torch.cat([rows[:, -OFFSET_COLUMNS:] for rows in multimodal_embeddings]))
-        if offsets.any():
-            slots = is_multimodal.nonzero().squeeze(1)
-            if len(slots) != len(offsets):
-                raise AssertionError(f"{len(slots)} multimodal slots for {len(offsets)} embedding rows")
-            self._pending_offsets = _PendingOffsets(slots, offsets.T.to(is_multimodal.device), input_ids.shape[0])
+        # No read of the device here: whether any row carries a nonzero offset is not asked
+        # (unpruned rows add zeros). The runner's `is_multimodal` mask lives on the host.
+        slots = is_multimodal.nonzero().squeeze(1)
+        if len(slots) != len(offsets):
+            raise AssertionError(f"{len(slots)} multimodal slots for {len(offsets)} embedding rows")
+        self._pending_offsets = _PendingOffsets(
+            slots.to(offsets.device, non_blocking=True), offsets.T, input_ids.shape[0]
+        )
         stripped = [rows[:, :-OFFSET_COLUMNS] for rows in multimodal_embeddings]
         return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
 
@@ -182,7 +186,9 @@ class PrunedQwenMixin:
                     f"M-RoPE offsets of a {pending.num_tokens}-token step reached a forward of "
                     f"{positions.shape[-1]} tokens"
                 )
-            positions = positions.clone()
+            # In place, into the runner's own buffer: CUDA graphs replay against the
+            # addresses they captured and would never read a new tensor. The runner
+            # rewrites every scheduled token's position before each step.
             positions[:, pending.slots] += pending.offsets
         return super().forward(input_ids, positions, *args, **kwargs)
 
