@@ -4,7 +4,11 @@
 a Python loop per greedy step). Here both run on the same tensors on the same machine:
 seeded random clustered cases (N 144..576, D 512..4096, K 32..192, 2..40 clusters, noise
 0.05..0.6, continuous softmax saliency) and crafted cases with exact ties (copied tokens,
-equal saliency values) whose expected picks are written by hand from the spec's tie rules.
+equal saliency values, equal scores) at every ranking step. Their expected picks are written
+by hand from the spec's tie rules where the rule is `argmax` (first index), and computed with
+the call the spec's table names where it is a sort or topk (equal values land where that
+call puts them); each such case also checks that a stable sort would pick differently, so
+the tie really is decided there.
 
 Run with ``-s`` to see the per-method agreement counts on success.
 
@@ -374,8 +378,20 @@ def test_copied_tokens_tie_to_first_index(method: str, stepwise: Callable, keep:
     assert _both(method, features, keep) == expected
 
 
-# PromPrune with fixed_share 0.5, K = 8: stage 1 = the 4 highest of five equal values,
-# lower index first: 3, 5, 10, 17 (not 20). Stage 1 covers directions 1, 4, 7, 13.
+def top_four_saliency() -> torch.Tensor:
+    """Rows 3, 5, 10, 17 share the top value (exactly four: no tie at a K_sal = 4 boundary)."""
+    saliency = torch.full((len(DIRECTIONS),), 0.01)
+    saliency[[3, 5, 10, 17]] = 0.3
+    return saliency
+
+
+def _stable_top(scores: torch.Tensor, count: int) -> list[int]:
+    """What a stable descending sort would rank first (equal values: lower index first)."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices[:count].tolist()
+
+
+# PromPrune with fixed_share 0.5, K = 8: stage 1 = rows 3, 5, 10, 17 (the four equal top
+# values, in the order topk returns them). Stage 1 covers directions 1, 4, 7, 13.
 # - DPP: every remaining row's max cosine to stage 1 is 0 except row 1 (1), so the first
 #   pick is row 0; the DPP kernel is over the remaining rows only, so row 1 (a copy of
 #   stage-1 row 3's direction) still has gain 1: 0, 1, 2, 4.
@@ -387,10 +403,26 @@ def test_copied_tokens_tie_to_first_index(method: str, stepwise: Callable, keep:
     [("dpp", [3, 5, 10, 17, 0, 1, 2, 4]), ("fps", [3, 5, 10, 17, 0, 2, 4, 7]), ("fl", [3, 5, 10, 17, 4, 0, 2, 7])],
 )
 def test_promprune_ties_on_crafted_tokens(coverage: str, expected: list[int]) -> None:
-    features, saliency = basis_tokens(), tied_saliency()
+    features, saliency = basis_tokens(), top_four_saliency()
     options = {"fixed_share": 0.5, "coverage": coverage}
-    assert promprune_stepwise(features, saliency, 8, **options) == expected  # type: ignore[arg-type]
-    assert _both("promprune", features, 8, saliency=saliency, **options) == expected
+    for picks in (
+        promprune_stepwise(features, saliency, 8, **options),  # type: ignore[arg-type]
+        _both("promprune", features, 8, saliency=saliency, **options),
+    ):
+        assert picks[:4] == torch.topk(saliency, 4, largest=True, sorted=False).indices.tolist()
+        assert sorted(picks[:4]) == expected[:4] and picks[4:] == expected[4:]
+
+
+def test_promprune_stage_one_ties_go_where_topk_puts_them() -> None:
+    """Five equal top saliencies, K_sal = 4: stage 1 is the reference's topk call on them."""
+    features, saliency = basis_tokens(), tied_saliency()
+    expected = torch.topk(saliency, 4, dim=-1, largest=True, sorted=False).indices.tolist()
+    assert set(expected) != set(_stable_top(saliency, 4))  # the tie decides a token here
+    assert promprune_stepwise(features, saliency, 8, fixed_share=0.5)[:4] == expected
+    assert promprune_stepwise(features, saliency, 8, fixed_share=0.5, ranking="stable")[:4] == _stable_top(saliency, 4)
+    fast = _both("promprune", features, 8, saliency=saliency, fixed_share=0.5)
+    assert fast[:4] == expected
+    assert fast == promprune_stepwise(features, saliency, 8, fixed_share=0.5)
 
 
 def test_saliency_control_ties_lower_index_first() -> None:
@@ -448,26 +480,27 @@ def test_vispruner_residual_is_in_saliency_order() -> None:
     assert sorted(fast) == sorted(slow)
 
 
-def test_vispruner_ties_on_copied_tokens() -> None:
-    """Equal saliency values and copied pre-projector tokens (exactly equal duplication scores)."""
-    features = basis_tokens()
-    saliency = tied_saliency()
+def test_vispruner_saliency_ties_go_where_argsort_puts_them() -> None:
+    """Five equal top saliencies, K_imp = 4, copied pre-projector tokens (scores 0 or 1)."""
+    features, saliency = basis_tokens(), tied_saliency()
+    order = saliency[None].argsort(dim=-1, descending=True)[0].tolist()
+    assert set(order[:4]) != set(_stable_top(saliency, 4))  # the tie decides a token here
     slow = vispruner_stepwise(features, saliency, 8)
-    assert slow[:4] == [3, 5, 10, 17]  # K_imp = 4 of five equal values: lower index first
+    assert slow[:4] == order[:4]
+    assert set(vispruner_stepwise(features, saliency, 8, ranking="stable")[:4]) == set(_stable_top(saliency, 4))
     fast = _both("vispruner", features, 8, saliency=saliency, pre_features=features)
-    assert sorted(fast) == sorted(slow)
+    assert fast[:4] == order[:4] and sorted(fast) == sorted(slow)
 
 
-def test_vispruner_equal_scores_drop_the_first_slots() -> None:
+def test_vispruner_equal_scores_drop_where_argsort_puts_them() -> None:
     """18 evens that all score exactly 1 (each is a copy of its odd neighbour): one round.
 
     N = 64, K = 56: K_imp = 28 (rows 0-27, strictly decreasing saliency), K_div = 28,
     residual rows 28-63 in that order (R = 36), r = min(8, 36 - 28) = 8. Evens: rows 28,
     30, ..., 62, each on the basis direction of the odd row after it, so every score is
-    exactly 1. Sorted by descending score with equal scores keeping list order, the first
-    8 evens (rows 28-42) are dropped; rows 44-62 survive; R = 10 + 18 = 28 = K_div.
-    ``torch.argsort(descending=True)`` orders 17+ equal values differently on CPU, so a
-    batched method using it would keep other evens.
+    exactly 1.0. The reference drops the evens in the first 8 slots of
+    ``scores.argsort(dim=-1, descending=True)``; the rest survive; R = 10 + 18 = 28 = K_div.
+    A stable sort would drop rows 28-42 instead.
     """
     n, keep = 64, 56
     features = torch.zeros(n, 64)
@@ -475,11 +508,16 @@ def test_vispruner_equal_scores_drop_the_first_slots() -> None:
         direction = row if row < 28 else 28 + (row - 28) // 2
         features[row, direction] = 1.0 + 0.1 * row
     saliency = torch.linspace(1.0, 0.1, n)
-    expected = set(range(28)) | set(range(44, 63, 2)) | set(range(29, 64, 2))
+    evens, odds = list(range(28, 64, 2)), list(range(29, 64, 2))
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    scores = (unit[evens] @ unit[odds].T).amax(dim=1)
+    assert torch.equal(scores, torch.ones(len(evens)))  # exact ties
+    dropped = {evens[slot] for slot in scores[None].argsort(dim=-1, descending=True)[0, :8].tolist()}
+    assert dropped != set(range(28, 43, 2))  # not what a stable sort drops
+    expected = set(range(n)) - dropped
     slow = vispruner_stepwise(features, saliency, keep)
     assert set(slow) == expected and len(slow) == keep
-    variant = vispruner_stepwise(features, saliency, keep, drop_sort="argsort")
-    assert set(variant) != expected  # the case tells the two sorts apart on this machine
+    assert set(vispruner_stepwise(features, saliency, keep, ranking="stable")) == set(range(n)) - set(range(28, 43, 2))
     fast = _both("vispruner", features, keep, saliency=saliency, pre_features=features)
     assert set(fast) == expected, f"fast keeps {sorted(set(fast) - expected)} instead of {sorted(expected - set(fast))}"
 
@@ -523,18 +561,53 @@ def test_visionzip_targets_when_r_is_not_a_multiple() -> None:
     torch.testing.assert_close(fast, expected_tensor, rtol=1e-6, atol=1e-6)
 
 
-def test_prunesid_ties_on_copied_tokens() -> None:
-    """Copied tokens (cosine exactly 1) and equal attention values inside groups."""
+def _prunesid_copies() -> tuple[torch.Tensor, torch.Tensor]:
+    """41 random rows (CLS + 40 patches), then patches 40..63 copying patches 0..23.
+
+    Patches 0..19 and their copies 40..59 share one attention value (44 equal values), so
+    an original and its copy (same features: same group, cosine 1 > thr) are tied.
+    """
     g = torch.Generator().manual_seed(5)
     base = torch.randn(1 + 40, 48, generator=g)
-    tokens = torch.cat([base, base[1:25]])  # patches 40..63 copy patches 0..23
+    tokens = torch.cat([base, base[1:25]])
     saliency = torch.cat([torch.full((20,), 0.02), torch.rand(20, generator=g) * 0.01, torch.full((24,), 0.02)])
-    features = torch.randn(64, 32, generator=g)
+    return tokens, saliency
+
+
+def test_prunesid_in_group_ties_go_where_argsort_puts_them() -> None:
+    """Of a tied original and copy, NMS picks the one ``argsort(dim=1, descending=True)`` of
+    the attention row puts first and suppresses the other (ranked after every pick), so a
+    kept later one implies a kept earlier one; a stable sort (lower index first) picks
+    other tokens here."""
+    tokens, saliency = _prunesid_copies()
+    position = saliency[None].argsort(dim=1, descending=True)[0].argsort().tolist()  # place in that order
     slow = prunesid_stepwise(tokens, saliency, 24)
-    # Patch 40 + i copies patch i with the same attention for i < 20: NMS takes the lower
-    # index first and suppresses the copy, so a kept copy implies a kept original.
+    kept = {row - 1 for row in slow[1:]}
+    decided = 0
     for patch in range(20):
-        if patch + 41 in slow:
-            assert patch + 1 in slow
+        first, second = sorted((patch, patch + 40), key=lambda p: position[p])
+        decided += first > second  # argsort puts the copy first: a stable sort would not
+        if second in kept:
+            assert first in kept
+    assert decided > 0
+    assert slow != prunesid_stepwise(tokens, saliency, 24, ranking="stable")  # the ties decide tokens
+    features = torch.randn(64, 32, generator=torch.Generator().manual_seed(6))
     fast = _both("prunesid", features, 24, saliency=saliency, pre_features=tokens[1:], cls_pre_feature=tokens[0])
     assert fast == slow
+
+
+def test_visionzip_dominant_ties_go_where_topk_puts_them() -> None:
+    """Five equal top saliencies, K_dom - 1 = 4 dominant patches: the set topk(4, dim=1) returns."""
+    g = torch.Generator().manual_seed(12)
+    tokens, keys = torch.randn(25, 16, generator=g), torch.randn(25, 8, generator=g)
+    saliency = tied_saliency()
+    top = torch.topk(saliency[None], 4, dim=1).indices[0].tolist()
+    assert set(top) != set(_stable_top(saliency, 4))  # the tie decides a token here
+    dominant, _, _ = visionzip_plan_stepwise(keys, saliency, 6, 5 / 6)  # K_dom = 5, K_ctx = 1
+    assert dominant == [0, *sorted(patch + 1 for patch in top)]
+    stable_dominant, _, _ = visionzip_plan_stepwise(keys, saliency, 6, 5 / 6, ranking="stable")
+    assert stable_dominant == [0, *sorted(patch + 1 for patch in _stable_top(saliency, 4))]
+    fast = merge_tokens("visionzip", tokens[1:], 6, cls_pre_feature=tokens[0], keys=keys, saliency=saliency,
+                        dominant_ratio=5 / 6)
+    torch.testing.assert_close(fast, visionzip_stepwise(tokens, keys, saliency, 6, 5 / 6), rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast[:5], tokens[dominant])

@@ -98,8 +98,8 @@ def test_show_draws_every_method_and_promprune_stages(family: str, request: pyte
         selection = select(tokens, "promprune", 24, options)
         k_sal = selection.stage.count("saliency")
         assert selection.stage == ["saliency"] * k_sal + ["coverage"] * (24 - k_sal)
-        # Stage 1 = the K_sal most salient tokens (methods.md), drawn in its own colour.
-        most_salient = torch.argsort(tokens.tower.saliency[0], descending=True, stable=True)[:k_sal]
+        # Stage 1 = the K_sal most salient tokens (methods.md: the reference's topk), drawn in its own colour.
+        most_salient = torch.topk(tokens.tower.saliency[0].float(), k_sal, largest=True, sorted=False).indices
         assert set(selection.kept[:k_sal].tolist()) == set(most_salient.tolist())
         assert len(set(selection.kept.tolist())) == 24
         if options == {"mu": 1.0}:

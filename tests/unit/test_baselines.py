@@ -14,6 +14,7 @@ from vllm_promprune.methods.divprune import divprune
 from vllm_promprune.methods.facility_location import facility_location
 from vllm_promprune.methods.fps import farthest_point_sampling
 from vllm_promprune.methods.vispruner import VisPrunerOptions, drop_schedule, vispruner
+from vllm_promprune.testing.stepwise import vispruner_stepwise
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -257,6 +258,8 @@ def test_facility_location_matches_brute_force_greedy(width: int, selected_posit
 
 
 def _reference_vispruner(pre: torch.Tensor, saliency: torch.Tensor, k: int, ratio: float) -> list[int]:
+    """Float64 VisPruner for continuous inputs (no exact ties, so any descending sort agrees;
+    ties are tested below and in tests/audit)."""
     n = len(saliency)
     k_important = int(k * ratio)
     k_diverse = k - k_important
@@ -274,13 +277,43 @@ def _reference_vispruner(pre: torch.Tensor, saliency: torch.Tensor, k: int, rati
 
 def test_vispruner_keeps_the_top_saliency_tokens_first() -> None:
     features, saliency, _ = _batch(seed=6)
-    saliency[0, 5] = saliency[0, 9] = 2.0  # a tie: the lower index comes first
+    saliency[0, 5] = saliency[0, 9] = 2.0  # a tie: in the order the reference's argsort gives
     picked = vispruner(features, saliency, 16, VisPrunerOptions())
-    assert picked[0, :2].tolist() == [5, 9]
+    assert sorted(picked[0, :2].tolist()) == [5, 9]
+    order = saliency.argsort(dim=-1, descending=True)
     for image in range(3):
-        top = sorted(range(40), key=lambda i: (-saliency[image, i].item(), i))[:8]
-        assert picked[image, :8].tolist() == top
-        assert not set(picked[image, 8:].tolist()) & set(top)
+        assert picked[image, :8].tolist() == order[image, :8].tolist()
+        assert not set(picked[image, 8:].tolist()) & set(order[image, :8].tolist())
+
+
+def _tied_images(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, N, N // 12] tokens on N // 12 scaled basis directions (cosines exactly 0 or 1) and
+    [B, N] saliency with 3 values: exact ties in both of VisPruner's rankings."""
+    g = _generator(seed)
+    directions = torch.randint(n // 12, (batch, n), generator=g)
+    scale = 1.0 + torch.rand(batch, n, 1, generator=g)
+    pre = torch.nn.functional.one_hot(directions, n // 12).float() * scale
+    saliency = torch.randint(3, (batch, n), generator=g).float() / 3
+    return pre, saliency
+
+
+@pytest.mark.parametrize(("n", "k"), [(96, 24), (576, 64), (2880, 2560)])  # 2880: the length, few rounds
+def test_vispruner_batched_equals_per_image_with_exact_ties(n: int, k: int) -> None:
+    """Batched == one image at a time where the unstable argsort meets exact ties."""
+    batch = 5 if n < 2880 else 2
+    pre, saliency = _tied_images(batch, n, seed=n)
+    options = VisPrunerOptions()
+    together = vispruner(pre, saliency, k, options)
+    for image in range(batch):
+        alone = vispruner(pre[image : image + 1], saliency[image : image + 1], k, options)
+        assert torch.equal(together[image], alone[0]), f"image {image}"
+    other = [batch - 1, 0]  # another batch size and order
+    assert torch.equal(vispruner(pre[other], saliency[other], k, options), together[other])
+    # The ties decide tokens: with a stable sort some image keeps other tokens.
+    assert any(
+        set(together[image].tolist()) != set(vispruner_stepwise(pre[image], saliency[image], k, ranking="stable"))
+        for image in range(batch)
+    )
 
 
 def test_vispruner_removes_exact_duplicates() -> None:
@@ -319,7 +352,7 @@ def test_vispruner_drop_schedule() -> None:
 def test_vispruner_all_important_when_ratio_is_one() -> None:
     features, saliency, _ = _batch()
     picked = vispruner(features, saliency, 10, VisPrunerOptions(important_ratio=1.0))
-    assert torch.equal(picked, top_saliency(saliency, 10))
+    assert torch.equal(picked, saliency.argsort(dim=-1, descending=True)[:, :10])
 
 
 def test_vispruner_options_validation() -> None:

@@ -102,12 +102,18 @@ def test_dominant_rows_are_cls_and_top_saliency_copied_unchanged() -> None:
         assert torch.equal(out[b, :k_dom], tokens[b, rows])
 
 
-def test_saliency_ties_go_to_lowest_index() -> None:
+def test_saliency_ties_go_where_topk_puts_them() -> None:
     tokens, keys, _ = random_inputs(batch=1, n=10, seed=2)
     saliency = torch.tensor([[0.1, 0.5, 0.9, 0.5, 0.5, 0.0, 0.9, 0.2, 0.5, 0.3]])
-    plan = _plan(keys, saliency, 5, VisionZipOptions(dominant_ratio=1.0))
-    # Top 4 patches: 2, 6 (0.9) then the first two 0.5s: 1, 3 -> rows +1.
-    assert plan.dominant.tolist() == [[0, 2, 3, 4, 7]]
+    plan = _plan(keys, saliency, 6, VisionZipOptions(dominant_ratio=5 / 6))  # K_dom = 5, K_ctx = 1
+    # Top 4 patches: 2, 6 (0.9), then two of the four 0.5s (1, 3, 4, 8): the two the
+    # reference's topk(4, dim=1) returns, which here are not the two lowest indices.
+    top = torch.topk(saliency, 4, dim=1).indices[0].tolist()
+    assert {2, 6} <= set(top) and set(top) != {1, 2, 3, 6}
+    assert plan.dominant.tolist() == [[0, *sorted(patch + 1 for patch in top)]]
+    remaining = [row for row in range(1, 11) if row - 1 not in top]
+    assert plan.targets.tolist() == [remaining[:1]]  # R = 6, step 6: slot 0
+    assert plan.merged.tolist() == [remaining[1:]]
 
 
 def test_targets_follow_the_reference_stride() -> None:

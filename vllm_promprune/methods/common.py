@@ -119,11 +119,6 @@ def finish_order(picked: torch.Tensor, order: Order) -> torch.Tensor:
     return picked
 
 
-def descending_stable(scores: torch.Tensor) -> torch.Tensor:
-    """Indices sorting `scores` [..., N] high to low along the last dim; ties keep the lower index first."""
-    return torch.sort(scores.float(), descending=True, stable=True).indices
-
-
 def describe_validation_error(error: ValidationError, field_prefix: str, model: type[BaseModel]) -> str:
     """One line per problem, each naming the field as `{field_prefix}{name}` and what it accepts."""
     fields = model.model_fields

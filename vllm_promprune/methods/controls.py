@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .common import check_keep, descending_stable
+from .common import check_keep
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
@@ -45,9 +45,11 @@ def random_tokens(
 def top_saliency(saliency: torch.Tensor, k: int) -> torch.Tensor:
     """The `k` highest-saliency tokens of each image: saliency [B, N] -> [B, k] int64.
 
-    Descending saliency (stable sort: ties go to the lowest index).
+    Descending saliency with `torch.argmax` semantics (no reference call to
+    follow: a control): among equal values the lowest index comes first, by a
+    stable sort.
     """
     if saliency.dim() != 2:
         raise ValueError(f"saliency must have shape [B, N], got {tuple(saliency.shape)}")
     check_keep(k, saliency.shape[1], name="k")
-    return descending_stable(saliency)[:, :k]
+    return torch.sort(saliency.float(), dim=1, descending=True, stable=True).indices[:, :k]

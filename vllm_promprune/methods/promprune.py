@@ -5,7 +5,8 @@ Seed paper: "Balancing Saliency and Coverage". Specification: methods.md.
    projected features).
 2. Saliency share r = kr_min + (1 - sigmoid((Hn - mu) / tau)) * (kr_max - kr_min)
    (or a fixed share), K_sal = round_half_to_even(r * K): low entropy -> more saliency.
-3. Stage 1: the K_sal tokens with the highest CLS attention.
+3. Stage 1: the K_sal tokens with the highest CLS attention, the set the
+   reference's `torch.topk(a, K_sal, largest=True, sorted=False)` returns.
 4. Stage 2: K - K_sal tokens by a coverage method over the remaining tokens
    (default: greedy DPP MAP, first pick = the token least covered by stage 1).
 """
@@ -18,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import FINE_EPS, cosine_matrix, descending_stable, gram_matrix, row_norms, unit_rows
+from .common import FINE_EPS, cosine_matrix, gram_matrix, row_norms, unit_rows
 from .dpp import dpp_from_kernel, dpp_greedy_map, dpp_kernel, structural_first_pick
 from .facility_location import facility_location
 from .fps import farthest_point_sampling
@@ -183,6 +184,25 @@ def stage_one_budgets(
     return budgets
 
 
+def stage_one_tokens(saliency: torch.Tensor, k_sal: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 picks [B, keep] int64 (first K_sal columns of each image, 0 after) and mask [B, N].
+
+    Each image's picks are the reference's call on its own saliency row,
+    `torch.topk(a, K_sal, dim=-1, largest=True, sorted=False)`, in the order it
+    returns them: equal saliencies at the K_sal boundary go where topk puts them.
+    K_sal differs per image and topk takes one k, so this runs image by image
+    (one host read of K_sal per batch, outside any greedy loop).
+    """
+    batch, num_tokens = saliency.shape
+    picks = torch.zeros(batch, keep, dtype=torch.long, device=saliency.device)
+    salient = torch.zeros(batch, num_tokens, dtype=torch.bool, device=saliency.device)
+    for image, count in enumerate(k_sal.tolist()):
+        top = torch.topk(saliency[image].float(), count, dim=-1, largest=True, sorted=False).indices
+        picks[image, :count] = top
+        salient[image, top] = True
+    return picks, salient
+
+
 def promprune_select(
     features: torch.Tensor,
     saliency: torch.Tensor,
@@ -198,10 +218,10 @@ def promprune_select(
         options: split knobs and ablations.
 
     Returns:
-        [B, K] int64 indices in pick order: stage-1 tokens by descending saliency,
-        then stage-2 tokens in coverage pick order.
+        [B, K] int64 indices in pick order: stage-1 tokens in the order topk
+        returns them (`stage_one_tokens`), then stage-2 tokens in coverage pick order.
     """
-    batch, num_tokens, _ = features.shape
+    batch = features.shape[0]
     # One product serves both the spectral Gram and the DPP kernel; one pass of norms
     # serves the unit rows, the kernel and the DPP's first pick.
     cosine = norms = None
@@ -209,11 +229,7 @@ def promprune_select(
         norms = row_norms(features)
         cosine = cosine_matrix(features, FINE_EPS, norms)
     k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
-    by_saliency = descending_stable(saliency)  # [B, N]
-    rank = torch.empty_like(by_saliency).scatter_(
-        1, by_saliency, torch.arange(num_tokens, device=features.device).expand(batch, -1)
-    )
-    salient = rank < k_sal[:, None]  # [B, N] stage-1 mask
+    stage_one, salient = stage_one_tokens(saliency, k_sal, keep)  # [B, K], [B, N] stage-1 mask
     k_cov = keep - k_sal
     # Greedy coverage picks do not depend on how many are taken: run the largest
     # stage 2 once for the whole batch and keep each image's first k_cov picks.
@@ -224,7 +240,6 @@ def promprune_select(
     else:
         coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
     step = torch.arange(keep, device=features.device)[None, :]
-    stage_one = by_saliency[:, :keep]
     stage_two = torch.cat([coverage, coverage.new_zeros(batch, keep)], dim=1)
     stage_two = stage_two.gather(1, (step - k_sal[:, None]).clamp_min(0))
     return torch.where(step < k_sal[:, None], stage_one, stage_two)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import FINE_EPS, check_keep, descending_stable, gram_matrix, unit_rows
+from .common import FINE_EPS, check_keep, gram_matrix, unit_rows
 
 _THRESHOLD_SCALE = 32  # thr = (n / 32) * rho
 _UPPER_UNIT = 64  # group upper bound 5 * ceil(n / 64)
@@ -226,7 +226,7 @@ def prunesid_select(
     Args:
         tokens: [N + 1, Dv] pre-projector features, CLS in row 0, patch i in row i + 1.
         saliency: [N] CLS attention of the patch tokens (head sum or mean: only the
-            order is used; ties -> lower index).
+            order of `argsort(dim=1, descending=True)` of it is used).
         keep: n, the budget counting the CLS token, 1 <= n <= N. n >= N + 1 keeps
             all N + 1 rows (identity).
         options: PCA solver.
@@ -234,7 +234,7 @@ def prunesid_select(
     Returns:
         [n] int64 unique row indices: 0 (CLS) first, then each group's top q_k
         members, groups in index order, members ranked as NMS survivors in pick
-        order, then suppressed members by attention.
+        order, then suppressed members, both in that argsort order of attention.
     """
     keep = check_keep(keep)
     if tokens.dim() != 2 or tokens.shape[0] < 2:
@@ -256,7 +256,9 @@ def prunesid_select(
 
     y = unit_rows(patches, FINE_EPS)
     threshold = (keep / _THRESHOLD_SCALE) * _mean_pair_cosine(y)
-    by_attention = descending_stable(saliency)
+    # In-group order: the reference's argsort(scores, dim=1, descending=True) of the
+    # image's attention row (unstable: equal attentions land where it puts them).
+    by_attention = saliency.float()[None].argsort(dim=1, descending=True)[0]
     rank = torch.empty_like(by_attention).scatter_(0, by_attention, torch.arange(num_tokens, device=device))
     priority = num_tokens - rank  # unique, in [1, N]
     pick_round = _nms_rounds(group, gram_matrix(y), priority, threshold, num_groups, max(size_list))

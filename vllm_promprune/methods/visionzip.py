@@ -58,7 +58,8 @@ def _plan(keys: torch.Tensor, saliency: torch.Tensor, k: int, options: VisionZip
         keys: [B, N+1, Dk] head-mean attention keys, CLS row first.
         saliency: [B, N] CLS attention of the N patches (only the order matters).
 
-    Dominant patches: stable descending sort of `saliency` (ties -> lowest index).
+    Dominant patches: the set of the reference's `saliency.topk(K_dom - 1, dim=1)`
+    (equal saliencies at the boundary go where topk puts them).
     The R = N - (K_dom - 1) remaining patches, in ascending position, supply the
     targets at list positions i * max(1, R // K_ctx), i = 0..K_ctx-1: the
     reference's stride (integer division first, so the targets do not spread to
@@ -69,12 +70,15 @@ def _plan(keys: torch.Tensor, saliency: torch.Tensor, k: int, options: VisionZip
     device = saliency.device
     k_dom = _dominant_budget(k, options)
     k_ctx = k - k_dom
-    by_saliency = torch.sort(saliency.float(), dim=1, descending=True, stable=True).indices + 1
-    cls_row = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    dominant = torch.cat([cls_row, torch.sort(by_saliency[:, : k_dom - 1], dim=1).values], dim=1)
-    remaining = torch.sort(by_saliency[:, k_dom - 1 :], dim=1).values  # [B, R]
-
     num_remaining = num_patches - (k_dom - 1)
+    top = saliency.float().topk(k_dom - 1, dim=1).indices + 1  # rows of the dominant patches
+    cls_row = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    dominant = torch.cat([cls_row, torch.sort(top, dim=1).values], dim=1)
+    is_dominant = torch.zeros(batch, num_patches + 1, dtype=torch.int8, device=device).scatter_(1, top, 1)
+    is_dominant[:, 0] = 1
+    # Remaining patch rows ascending without a boolean mask (a host sync on GPU).
+    remaining = torch.sort(is_dominant, dim=1, stable=True).indices[:, :num_remaining]  # [B, R]
+
     target_slots = torch.arange(k_ctx, device=device) * max(1, num_remaining // max(k_ctx, 1))
     is_target = torch.zeros(num_remaining, dtype=torch.int8, device=device)
     is_target[target_slots] = 1

@@ -9,8 +9,14 @@
    scores and makes the next list [surviving evens in descending score, then the
    odd tokens in their order]. Which tokens meet as pairs depends on that order,
    so it is part of the method (methods.md, VisPruner).
-The number of tokens left after every round depends only on N and K, so the
-loop runs on the host schedule without reading tensor values.
+Both rankings are the reference's own call, `argsort(dim=-1, descending=True)`
+(torch's default, unstable sort): equal scores land where that call puts them,
+not in list order (methods.md, "Ranking calls by method"). Batched == one image
+at a time: every row of a round has the same length (the schedule depends only
+on N and K, never on values, so no row is padded), and torch sorts each row on
+its own: on CPU the order of exact ties in a row depends only on that row's
+values (measured: a row alone, in batches of 2-8 rows and as a strided view).
+The loop runs on that host schedule without reading tensor values.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import COSINE_EPS, check_keep, cosine_matrix, descending_stable
+from .common import COSINE_EPS, check_keep, cosine_matrix
 
 _MAX_DROP_PER_ROUND = 8
 
@@ -54,8 +60,8 @@ def _remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, drop: i
 
     `similarity` [B, N, N] is the cosine matrix of all tokens, computed once: a
     round gathers its even x odd block instead of multiplying features again.
-    Evens are ranked by a stable descending sort of their exact scores (equal
-    scores: the earlier slot ranks first, i.e. is dropped first).
+    Evens are ranked by the reference's `argsort(dim=-1, descending=True)` of
+    their exact scores (unstable: equal scores land where that sort puts them).
     """
     even = residual[:, 0::2]
     odd = residual[:, 1::2]
@@ -63,7 +69,7 @@ def _remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, drop: i
     num_tokens = similarity.shape[-1]
     block = (even[:, :, None] * num_tokens + odd[:, None, :]).flatten(1)
     duplication = similarity.flatten(1).gather(1, block).view(*even.shape, -1).amax(dim=2)
-    survivors = descending_stable(duplication)[:, drop:]  # descending-score order
+    survivors = duplication.argsort(dim=-1, descending=True)[:, drop:]  # descending-score order
     return torch.cat([even.gather(1, survivors), odd], dim=1)
 
 
@@ -82,9 +88,9 @@ def vispruner(
         options: the important/diverse split.
 
     Returns:
-        [B, k] int64 distinct indices: the K_imp important tokens by descending
-        saliency (ties -> lowest index), then the K_div diverse ones in their final
-        list order. K_imp uses Python's int(k * ratio), as the reference does.
+        [B, k] int64 distinct indices: the K_imp important tokens in the order of
+        `saliency.argsort(dim=-1, descending=True)`, then the K_div diverse ones in
+        their final list order. K_imp uses Python's int(k * ratio), as the reference does.
     """
     if pre_features.dim() != 3:
         raise ValueError(f"pre_features must have shape [B, N, Dv], got {tuple(pre_features.shape)}")
@@ -94,7 +100,7 @@ def vispruner(
     check_keep(k, num_tokens, name="k")
     k_important = int(k * options.important_ratio)
     k_diverse = k - k_important
-    by_saliency = descending_stable(saliency).to(pre_features.device)
+    by_saliency = saliency.float().argsort(dim=-1, descending=True).to(pre_features.device)
     important = by_saliency[:, :k_important]
     if k_diverse == 0:
         return important

@@ -14,10 +14,16 @@ Choices where the specification leaves room (each is named again where it is mad
   product) round differently from the full product on CPU (measured with torch 2.13: row
   counts that are not a multiple of 8, and any matrix-vector product, change low bits),
   and an exact-comparison greedy step must see one value per pair.
-- Rankings the specification does not name a call for (stage 1, VisPruner's saliency
-  order, VisionZip's dominant tokens, PruneSID's suppressed members) are
-  ``torch.sort(descending=True, stable=True)``: equal scores keep the lower index first,
-  the same rule as the greedy ``argmax`` ties.
+- Rankings make the call of the specification's table "Ranking calls by method", with its
+  flags, on the image's scores as a ``[1, N]`` row (a reference batch of one; for a row,
+  torch's CPU sort and topk order exact ties the same alone or inside a batch): PromPrune's
+  stage 1 ``topk(largest=True, sorted=False)``, VisPruner's two ``argsort(dim=-1,
+  descending=True)``, PruneSID's in-group ``argsort(dim=1, descending=True)`` of the
+  attention row, VisionZip's ``topk(k, dim=1)``. Equal values land where that call puts
+  them, which for the unstable sort and topk is not ascending index. Those functions take
+  ``ranking="stable"``, a diagnostic variant (``torch.sort(descending=True, stable=True)``:
+  equal values keep the lower index first) that shows which picks exact ties decide.
+  Greedy steps and the controls without a reference call rank as ``torch.argmax``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import torch
 
 Entropy = Literal["spectral", "attention", "feature_norm"]
 Coverage = Literal["dpp", "fps", "fl"]
+
+Ranking = Literal["reference", "stable"]
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -50,9 +58,27 @@ def cosine_gram_stepwise(rows: torch.Tensor, eps: float) -> torch.Tensor:
     return unit @ unit.T
 
 
-def descending_stable_stepwise(scores: torch.Tensor) -> list[int]:
-    """Indices of scores [N] from high to low; equal scores keep the lower index first."""
-    return torch.sort(scores.float(), descending=True, stable=True).indices.tolist()
+def _stable_descending(row: torch.Tensor) -> list[int]:
+    return torch.sort(row, dim=-1, descending=True, stable=True).indices[0].tolist()
+
+
+def argsort_descending_stepwise(scores: torch.Tensor, ranking: Ranking = "reference") -> list[int]:
+    """Indices of scores [N] from high to low: ``argsort(dim=-1, descending=True)`` (torch's
+    default, unstable sort) of the float32 ``[1, N]`` row, or the stable variant."""
+    row = scores.float()[None]
+    if ranking == "stable":
+        return _stable_descending(row)
+    return row.argsort(dim=-1, descending=True)[0].tolist()
+
+
+def topk_stepwise(scores: torch.Tensor, count: int, ranking: Ranking = "reference", *, in_order: bool = True) -> list[int]:
+    """The `count` highest of scores [N]: ``torch.topk(row, count, dim=-1, largest=True,
+    sorted=in_order)`` of the float32 ``[1, N]`` row in the order it returns them, or the
+    first `count` of the stable variant."""
+    row = scores.float()[None]
+    if ranking == "stable":
+        return _stable_descending(row)[:count]
+    return torch.topk(row, count, dim=-1, largest=True, sorted=in_order).indices[0].tolist()
 
 
 def _blocked_mask(num_tokens: int, chosen: Sequence[int]) -> torch.Tensor:
@@ -273,6 +299,7 @@ def promprune_stepwise(
     fixed_share: float | None = None,
     entropy: Entropy = "spectral",
     coverage: Coverage = "dpp",
+    ranking: Ranking = "reference",
 ) -> list[int]:
     """PromPrune for one image.
 
@@ -280,23 +307,32 @@ def promprune_stepwise(
         features: [N, D] projected tokens.
         saliency: [N] CLS attention (head mean).
         keep: K.
+        ranking: stage 1's call (module docstring).
 
     Returns:
-        K indices: stage 1 (the K_sal most salient, descending saliency, equal values
-        lower index first) then stage 2 (`coverage` over the other tokens) in pick order.
+        K indices: stage 1 (the K_sal most salient: ``topk(a, K_sal, largest=True,
+        sorted=False)``, in the order it returns them) then stage 2 (`coverage` over the
+        other tokens) in pick order.
     """
     entropy_value = entropy_stepwise(features, saliency, entropy)
     count = saliency_count_stepwise(
         entropy_value, keep, mu=mu, tau=tau, kr_min=kr_min, kr_max=kr_max, fixed_share=fixed_share
     )
-    stage1 = descending_stable_stepwise(saliency)[:count]
+    stage1 = topk_stepwise(saliency, count, ranking, in_order=False)
     stage2 = _COVERAGE[coverage](features, keep - count, stage1)
     return stage1 + stage2
 
 
 def saliency_stepwise(saliency: torch.Tensor, keep: int) -> list[int]:
-    """The `saliency` control: the `keep` most salient tokens, descending (equal values: lower index first)."""
-    return descending_stable_stepwise(saliency)[:keep]
+    """The `saliency` control (no reference call): `keep` times the ``torch.argmax`` of the
+    saliency [N] over the tokens not yet picked (equal values: lower index first)."""
+    remaining = saliency.float().clone()
+    picks = []
+    for _ in range(keep):
+        pick = int(torch.argmax(remaining))
+        picks.append(pick)
+        remaining[pick] = _NEG_INF
+    return picks
 
 
 # --------------------------------------------------------------------------- DivPrune
@@ -334,7 +370,7 @@ def vispruner_stepwise(
     keep: int,
     important_ratio: float = 0.5,
     *,
-    drop_sort: Literal["stable", "argsort"] = "stable",
+    ranking: Ranking = "reference",
 ) -> list[int]:
     """VisPruner for one image.
 
@@ -342,12 +378,9 @@ def vispruner_stepwise(
         pre_features: [N, Dv] pre-projector tokens (cosines on rows normalised with eps 1e-6).
         saliency: [N] CLS attention (head mean).
         keep: K; ``K_imp = int(K * important_ratio)`` important tokens, ``K_div = K - K_imp``.
-        drop_sort: how each round sorts the even tokens by descending duplication score.
-            "stable" (default, this transcription's reading of "sorted by descending
-            score": ``torch.sort(descending=True, stable=True)``, so among exactly equal
-            scores the earlier list slot is dropped first, as repeated ``argmax`` would);
-            "argsort" = ``torch.argsort(descending=True)`` (not stable on CPU), a
-            diagnostic variant for inputs with exactly equal scores.
+        ranking: both orderings (saliency; each round's duplication scores) are the
+            reference's ``argsort(dim=-1, descending=True)``; "stable" is the diagnostic
+            variant (module docstring).
 
     The residual list starts as the non-important tokens in descending saliency order.
     Each round: ``r = min(8, R - K_div)`` (stop if r <= 0); evens = slots 0, 2, ... and
@@ -358,7 +391,7 @@ def vispruner_stepwise(
     Returns:
         K indices: important (descending saliency) then the final residual list.
     """
-    order = descending_stable_stepwise(saliency)
+    order = argsort_descending_stepwise(saliency, ranking)
     important_count = int(keep * important_ratio)
     diverse_count = keep - important_count
     important = order[:important_count]
@@ -376,11 +409,7 @@ def vispruner_stepwise(
                 scores = similarity[torch.tensor(evens)[:, None], torch.tensor(odds)].max(dim=1).values
             else:  # only reachable with K_div = 0 and one residual token
                 scores = torch.zeros(len(evens))
-            if drop_sort == "stable":
-                ranking = torch.sort(scores, descending=True, stable=True).indices.tolist()
-            else:
-                ranking = torch.argsort(scores, descending=True).tolist()
-            survivors = [evens[slot] for slot in ranking[drop:]]
+            survivors = [evens[slot] for slot in argsort_descending_stepwise(scores, ranking)[drop:]]
         residual = survivors + odds
     return important + residual
 
@@ -393,6 +422,7 @@ def visionzip_plan_stepwise(
     saliency: torch.Tensor,
     keep: int,
     dominant_ratio: float = 54 / 64,
+    ranking: Ranking = "reference",
 ) -> tuple[list[int], list[int], dict[int, int]]:
     """VisionZip's plan for one image, in row space (row 0 = CLS, row i + 1 = patch i).
 
@@ -401,17 +431,18 @@ def visionzip_plan_stepwise(
         saliency: [N] CLS attention (summed over heads).
         keep: K output tokens; ``K_dom = min(K, max(1, round(K * dominant_ratio)))``
             (Python round: half to even), ``K_ctx = K - K_dom``.
+        ranking: the dominant patches' call, ``topk(K_dom - 1, dim=1)`` (module docstring).
 
     Returns:
-        (dominant rows ascending: CLS + the K_dom - 1 most salient patches, ties lower
-        index first; target rows ascending: the remaining rows at list positions
-        ``i * max(1, R // K_ctx)``; {merged row: target row} for every other remaining
-        row, the target of largest key cosine (eps 1e-6), ``torch.argmax`` first on ties).
+        (dominant rows ascending: CLS + the K_dom - 1 patches that topk returns; target
+        rows ascending: the remaining rows at list positions ``i * max(1, R // K_ctx)``;
+        {merged row: target row} for every other remaining row, the target of largest key
+        cosine (eps 1e-6), ``torch.argmax`` first on ties).
     """
     num_patches = saliency.shape[0]
     dominant_count = min(keep, max(1, round(keep * dominant_ratio)))
     context_count = keep - dominant_count
-    top_patches = descending_stable_stepwise(saliency)[: dominant_count - 1]
+    top_patches = topk_stepwise(saliency, dominant_count - 1, ranking)
     dominant = [0] + sorted(patch + 1 for patch in top_patches)
     taken = set(dominant)
     remaining = [row for row in range(1, num_patches + 1) if row not in taken]
@@ -533,6 +564,7 @@ def prunesid_stepwise(
     keep: int,
     *,
     top_up: Literal["fill", "round_robin"] = "fill",
+    ranking: Ranking = "reference",
 ) -> list[int]:
     """PruneSID for one image (exact PCA).
 
@@ -541,49 +573,47 @@ def prunesid_stepwise(
         saliency: [N] CLS attention (summed over heads).
         keep: n, counting the CLS token.
         top_up: see `prunesid_quotas_stepwise` ("fill" is this transcription's reading).
+        ranking: the in-group order, ``argsort(dim=1, descending=True)`` of the image's
+            attention row (module docstring).
 
     Redundancy ``rho`` = mean of the cosines (rows normalised with eps 1e-8) over pairs
-    i < j; ``thr = (n / 32) * rho``. NMS group by group: take the highest-attention
-    member that is neither picked nor suppressed (``torch.argmax``: lowest index on equal
-    attention), suppress the candidates of the group whose cosine to it is > thr; a
-    group's ranking is its picks in pick order, then its suppressed members by descending
-    attention (stable sort: lower index first on equal attention).
+    i < j; ``thr = (n / 32) * rho``. Each group's members, in the in-group order; NMS
+    group by group: take the first member in that order that is neither picked nor
+    suppressed, suppress the candidates of the group whose cosine to it is > thr; a
+    group's ranking is its picks in pick order, then its suppressed members in that order.
 
     Returns:
         n rows: 0 (CLS), then each group's top quota members as patch index + 1, groups
         in index order.
     """
     patches = tokens[1:].float()
-    attention = saliency.float()
-    groups = prunesid_groups_stepwise(patches, keep)
+    groups = prunesid_groups_stepwise(patches, keep).tolist()
+    by_attention = argsort_descending_stepwise(saliency, ranking)
     components = min(max(int(keep / 4), 1), patches.shape[1], patches.shape[0])
     similarity = cosine_gram_stepwise(patches, 1e-8)
     num_tokens = patches.shape[0]
     pairs = torch.triu_indices(num_tokens, num_tokens, offset=1)
     rho = similarity[pairs[0], pairs[1]].mean()
     threshold = (keep / 32) * rho
-    rankings: list[list[int]] = []
+    group_orders: list[list[int]] = []
     survivor_counts: list[int] = []
     for group in range(components):
-        members = torch.nonzero(groups == group).flatten()  # ascending patch index
-        member_attention = attention[members]
+        members = torch.tensor([patch for patch in by_attention if groups[patch] == group], dtype=torch.int64)
         free = torch.ones(len(members), dtype=torch.bool)
         suppressed = torch.zeros(len(members), dtype=torch.bool)
         picked: list[int] = []
         while bool(free.any()):
-            slot = int(torch.argmax(torch.where(free, member_attention, _NEG_INF)))
+            slot = _first_free(~free)
             picked.append(int(members[slot]))
             free[slot] = False
             newly = free & (similarity[members[slot], members] > threshold)
             suppressed |= newly
             free &= ~newly
-        losers = members[suppressed]
-        loser_order = torch.sort(attention[losers], descending=True, stable=True).indices
-        rankings.append(picked + losers[loser_order].tolist())
+        group_orders.append(picked + members[suppressed].tolist())
         survivor_counts.append(len(picked))
-    sizes = torch.tensor([len(ranking) for ranking in rankings], dtype=torch.int64)
+    sizes = torch.tensor([len(order) for order in group_orders], dtype=torch.int64)
     quotas = prunesid_quotas_stepwise(sizes, torch.tensor(survivor_counts, dtype=torch.int64), keep, top_up=top_up)
     rows = [0]
-    for ranking, quota in zip(rankings, quotas.tolist()):
-        rows.extend(patch + 1 for patch in ranking[:quota])
+    for order, quota in zip(group_orders, quotas.tolist()):
+        rows.extend(patch + 1 for patch in order[:quota])
     return rows
