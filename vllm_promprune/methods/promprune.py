@@ -202,8 +202,9 @@ def promprune_select(
         then stage-2 tokens in coverage pick order.
     """
     batch, num_tokens, _ = features.shape
-    # One product serves both the spectral Gram and the DPP kernel; one pass of norms
-    # serves the unit rows, the kernel and the DPP's first pick.
+    # One product serves both the spectral Gram and (rescaled in place once the Gram is
+    # built) the DPP kernel; one pass of norms serves the unit rows, the kernel and the
+    # DPP's first pick.
     cosine = norms = None
     if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
         norms = row_norms(features)
@@ -214,15 +215,13 @@ def promprune_select(
         1, by_saliency, torch.arange(num_tokens, device=features.device).expand(batch, -1)
     )
     salient = rank < k_sal[:, None]  # [B, N] stage-1 mask
-    k_cov = keep - k_sal
     # Greedy coverage picks do not depend on how many are taken: run the largest
-    # stage 2 once for the whole batch and keep each image's first k_cov picks.
+    # stage 2 once for the whole batch and keep each image's first K - K_sal picks.
+    steps = keep - int(k_sal.min())  # the one host read of the step count, before the loop
     if options.coverage == "dpp":
-        coverage = dpp_from_kernel(
-            dpp_kernel(features, cosine, norms), structural_first_pick(norms), int(k_cov.max()), selected=salient
-        )
+        coverage = dpp_from_kernel(dpp_kernel(features, cosine, norms), structural_first_pick(norms), steps, selected=salient)
     else:
-        coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
+        coverage = COVERAGE_STAGES[options.coverage](features, steps, selected=salient)
     step = torch.arange(keep, device=features.device)[None, :]
     stage_one = by_saliency[:, :keep]
     stage_two = torch.cat([coverage, coverage.new_zeros(batch, keep)], dim=1)
