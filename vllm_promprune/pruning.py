@@ -119,7 +119,10 @@ def prune_images_indexed(
         if spec.merges:
             chosen = project(result)
         elif spec.with_cls:
-            candidates = torch.cat([project(tower.hidden[index, :1]), batch.features], dim=1)
+            # Each CLS row projected on its own: a [B, 1, Dv] product rounds differently
+            # from a [1, 1, Dv] one, and an image must not depend on its batch.
+            cls_rows = torch.cat([project(tower.hidden[image : image + 1, :1]) for image in members])
+            candidates = torch.cat([cls_rows, batch.features], dim=1)
             chosen = candidates.gather(1, result[:, :, None].expand(-1, -1, candidates.shape[2]))
         else:
             chosen = batch.features.gather(1, result[:, :, None].expand(-1, -1, projected.shape[2]))
