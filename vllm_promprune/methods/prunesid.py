@@ -191,9 +191,9 @@ def _quotas(group_sizes: torch.Tensor, survivors: torch.Tensor, n: int) -> torch
     # The raising, all at once: raise by the first t in 0..n at which the bounds reach
     # n or all sit at c (by t = n one of the two holds: a group with c_k >= n reaches
     # n alone, otherwise every u_k + n exceeds c_k).
-    raises = torch.arange(n + 1, device=upper.device)[:, None]  # [n + 1, 1]
-    raised = torch.minimum(upper + raises, group_sizes)  # [n + 1, G]
-    stops = (raised.sum(dim=1) >= n) | (upper + raises >= group_sizes).all(dim=1)
+    raises = torch.arange(n + 1, device=upper.device)
+    raised = torch.minimum(upper + raises[:, None], group_sizes)  # [n + 1, G]
+    stops = (raised.sum(dim=1) >= n) | (raises >= (group_sizes - upper).max())
     upper = raised.index_select(0, stops.to(torch.uint8).argmax().view(1)).squeeze(0)  # first stop
 
     spare = target - lower.sum()
