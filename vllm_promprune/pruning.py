@@ -63,6 +63,38 @@ def prune_images(
     return [image.rows for image in prune_images_indexed(tower, settings, project, on_selection, on_failure)]
 
 
+def prune_towers_indexed(
+    towers: Sequence[TowerOutput],
+    settings: Sequence[PruneSettings],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    on_selection: Callable[[str, float], None] | None = None,
+    on_failure: SelectionFailureHandler | None = None,
+) -> list[PrunedImage]:
+    """`prune_images_indexed` for images whose token counts differ (Qwen-VL: one
+    `TowerOutput` per image size): towers with the same N are concatenated, so their
+    images select as one batch per settings group.
+
+    `settings` has one entry per image, in the order of the towers' images; the result
+    too (one `PrunedImage` per image, equal to a call on that image alone).
+    """
+    first_image = [0]  # index of each tower's first image
+    by_size: dict[int, list[int]] = {}  # N -> towers
+    for tower_index, tower in enumerate(towers):
+        first_image.append(first_image[-1] + tower.hidden.shape[0])
+        by_size.setdefault(tower.saliency.shape[1], []).append(tower_index)
+    if first_image[-1] != len(settings):
+        raise ValueError(f"{len(settings)} settings for {first_image[-1]} images")
+
+    results: list[PrunedImage | None] = [None] * len(settings)
+    for members in by_size.values():
+        images = [image for t in members for image in range(first_image[t], first_image[t + 1])]
+        merged = TowerOutput.cat([towers[t] for t in members])
+        pruned = prune_images_indexed(merged, [settings[image] for image in images], project, on_selection, on_failure)
+        for image, result in zip(images, pruned):
+            results[image] = result
+    return results  # type: ignore[return-value]
+
+
 def prune_images_indexed(
     tower: TowerOutput,
     settings: Sequence[PruneSettings],
@@ -119,7 +151,10 @@ def prune_images_indexed(
         if spec.merges:
             chosen = project(result)
         elif spec.with_cls:
-            candidates = torch.cat([project(tower.hidden[index, :1]), batch.features], dim=1)
+            # Each CLS row projected on its own: a [B, 1, Dv] product rounds differently
+            # from a [1, 1, Dv] one, and an image must not depend on its batch.
+            cls_rows = torch.cat([project(tower.hidden[image : image + 1, :1]) for image in members])
+            candidates = torch.cat([cls_rows, batch.features], dim=1)
             chosen = candidates.gather(1, result[:, :, None].expand(-1, -1, candidates.shape[2]))
         else:
             chosen = batch.features.gather(1, result[:, :, None].expand(-1, -1, projected.shape[2]))

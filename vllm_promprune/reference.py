@@ -17,7 +17,7 @@ import torch
 
 from .families.anyres import anyres_layout, prune_anyres
 from .families.qwen_vision import QWEN_OPTION_DEFAULTS, merged_tower_outputs, merger_projection, received_attention
-from .pruning import TowerOutput, prune_images, prune_images_indexed
+from .pruning import TowerOutput, prune_images, prune_towers_indexed
 from .settings import PruneSettings, parse_image_settings
 
 
@@ -284,8 +284,9 @@ class PrunedQwen2VLReference:
         starts = [i for i in range(len(ids)) if is_image[i] and (i == 0 or not is_image[i - 1])]
 
         columns, rows, kept, cursor, first_token = [], [], [], 0, 0
-        for start, tower, image_setting in zip(starts, towers, image_settings, strict=True):
-            (pruned,) = prune_images_indexed(tower, [image_setting], merger_projection(self.model.model.visual.merger))
+        # Images of equal size select as one batch (the result is each image's own).
+        pruned_images = prune_towers_indexed(towers, image_settings, merger_projection(self.model.model.visual.merger))
+        for start, tower, pruned in zip(starts, towers, pruned_images, strict=True):
             columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
             rows.append(pruned.rows)
             kept.append(first_token + pruned.kept)

@@ -12,7 +12,6 @@ from vllm_promprune.methods.prunesid import (
     PruneSIDOptions,
     _nms_rounds,
     _psca_groups,
-    _quotas,
     prunesid_dynamic_budgets,
     prunesid_select,
     redundancy,
@@ -126,6 +125,13 @@ def test_unknown_option_is_rejected() -> None:
 # --- quotas --------------------------------------------------------------------
 
 
+def _quotas(group_sizes: list[int], survivors: list[int], n: int) -> list[int]:
+    """`prunesid._quotas` on int64 count tensors, as a list."""
+    from vllm_promprune.methods import prunesid
+
+    return prunesid._quotas(torch.tensor(group_sizes), torch.tensor(survivors), n).tolist()
+
+
 def test_quotas_hand_example() -> None:
     # c = [10, 4, 0, 6], s = [5, 2, 0, 3], n = 9: target n - 1 = 8.
     # lower = [1, 1, 0, 1] (sum 3); bound 5 * ceil(9/64) = 5;
@@ -205,10 +211,10 @@ def test_quotas_respect_bounds_and_sum_on_random_inputs() -> None:
 
 def test_quotas_edge_cases() -> None:
     assert _quotas([5, 0, 3], [2, 0, 1], 1) == [0, 0, 0]
-    with pytest.raises(ValueError, match="exceeds"):
-        _quotas([2, 1], [1, 1], 5)
-    with pytest.raises(ValueError, match="non-empty groups"):
-        _quotas([1, 1, 1], [1, 1, 1], 3)
+    # Every group at its cap: the bounds are raised to c and every token is given.
+    assert _quotas([2, 3], [1, 1], 6) == [2, 3]
+    # A group of c >= n reaches n alone on the first raise that gets there.
+    assert _quotas([1, 70], [1, 1], 9) == [1, 7]
 
 
 @pytest.mark.parametrize("keep", [5, 12, 33])

@@ -303,6 +303,8 @@ def test_dpp_kernel_from_shared_cosine_equals_its_own_product(tiny_norm: float |
         features[1, 7] = features[1, 7] / features[1, 7].norm() * tiny_norm
     kernel = dpp_kernel(features, cosine_matrix(features, 1e-8))
     assert torch.allclose(kernel, cosine_matrix(features, 1e-6), atol=1e-6)
+    if tiny_norm is None:  # every rescaling factor is exactly 1: the shared product, bit for bit
+        assert torch.equal(kernel, cosine_matrix(features, 1e-8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -36,19 +36,17 @@ def dpp_kernel(
 ) -> torch.Tensor:
     """Cosine kernel L = Y Y^T [B, N, N] of the eps-1e-6 unit rows of features [B, N, D].
 
-    `cosine`, the same product for eps-1e-8 unit rows, is rescaled instead of
-    recomputed: the two differ only for rows with norm below 1e-6, and without
-    such rows `cosine` itself is returned (it is only read). `norms` [B, N] are the
-    features' `row_norms` if the caller has them.
+    `cosine`, the same product for eps-1e-8 unit rows, is rescaled in place and
+    returned instead of recomputed: the two differ only for rows with norm below
+    1e-6, and every other row's factor is exactly 1 (no host check whether any row
+    is that small). `norms` [B, N] are the features' `row_norms` if the caller has them.
     """
     if norms is None:
         norms = row_norms(features)
     if cosine is None:
         return cosine_matrix(features, COSINE_EPS, norms)
-    if not bool((norms < COSINE_EPS).any()):  # one host sync per batch
-        return cosine
     scale = norms.clamp_min(FINE_EPS) / norms.clamp_min(COSINE_EPS)  # [B, N], 1 unless tiny
-    return cosine * scale[:, :, None] * scale[:, None, :]
+    return cosine.mul_(scale[:, :, None]).mul_(scale[:, None, :])
 
 
 def structural_first_pick(norms: torch.Tensor) -> torch.Tensor:
@@ -111,7 +109,7 @@ def dpp_from_kernel(
         taken |= selected
 
     current = first
-    if selected is not None and bool(selected.any()):
+    if selected is not None:  # images without a selection keep `first` (no host check whether any has one)
         has_selection = selected.any(dim=1)
         current = torch.where(has_selection, least_covered(kernel, selected | ~has_selection[:, None]), current)
 

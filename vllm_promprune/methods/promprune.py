@@ -14,6 +14,7 @@ Seed paper: "Balancing Saliency and Coverage". Specification: methods.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -184,19 +185,19 @@ def stage_one_budgets(
     return budgets
 
 
-def stage_one_tokens(saliency: torch.Tensor, k_sal: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stage_one_tokens(saliency: torch.Tensor, k_sal: Sequence[int], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 picks [B, keep] int64 (first K_sal columns of each image, 0 after) and mask [B, N].
 
     Each image's picks are the reference's call on its own saliency row,
     `torch.topk(a, K_sal, dim=-1, largest=True, sorted=False)`, in the order it
     returns them: equal saliencies at the K_sal boundary go where topk puts them.
-    K_sal differs per image and topk takes one k, so this runs image by image
-    (one host read of K_sal per batch, outside any greedy loop).
+    K_sal (`k_sal`, per image, read to the host by the caller) differs per image and
+    topk takes one k, so this runs image by image.
     """
     batch, num_tokens = saliency.shape
     picks = torch.zeros(batch, keep, dtype=torch.long, device=saliency.device)
     salient = torch.zeros(batch, num_tokens, dtype=torch.bool, device=saliency.device)
-    for image, count in enumerate(k_sal.tolist()):
+    for image, count in enumerate(k_sal):
         top = torch.topk(saliency[image].float(), count, dim=-1, largest=True, sorted=False).indices
         picks[image, :count] = top
         salient[image, top] = True
@@ -222,23 +223,23 @@ def promprune_select(
         returns them (`stage_one_tokens`), then stage-2 tokens in coverage pick order.
     """
     batch = features.shape[0]
-    # One product serves both the spectral Gram and the DPP kernel; one pass of norms
-    # serves the unit rows, the kernel and the DPP's first pick.
+    # One product serves both the spectral Gram and (rescaled in place once the Gram is
+    # built) the DPP kernel; one pass of norms serves the unit rows, the kernel and the
+    # DPP's first pick.
     cosine = norms = None
     if (options.fixed_share is None and options.entropy == "spectral") or options.coverage == "dpp":
         norms = row_norms(features)
         cosine = cosine_matrix(features, FINE_EPS, norms)
     k_sal = stage_one_budgets(features, saliency, keep, options, cosine)  # [B]
-    stage_one, salient = stage_one_tokens(saliency, k_sal, keep)  # [B, K], [B, N] stage-1 mask
-    k_cov = keep - k_sal
+    counts = k_sal.tolist()  # the one host read of the stage split, before any greedy loop
+    stage_one, salient = stage_one_tokens(saliency, counts, keep)  # [B, K], [B, N] stage-1 mask
     # Greedy coverage picks do not depend on how many are taken: run the largest
-    # stage 2 once for the whole batch and keep each image's first k_cov picks.
+    # stage 2 once for the whole batch and keep each image's first K - K_sal picks.
+    steps = keep - min(counts)
     if options.coverage == "dpp":
-        coverage = dpp_from_kernel(
-            dpp_kernel(features, cosine, norms), structural_first_pick(norms), int(k_cov.max()), selected=salient
-        )
+        coverage = dpp_from_kernel(dpp_kernel(features, cosine, norms), structural_first_pick(norms), steps, selected=salient)
     else:
-        coverage = COVERAGE_STAGES[options.coverage](features, int(k_cov.max()), selected=salient)
+        coverage = COVERAGE_STAGES[options.coverage](features, steps, selected=salient)
     step = torch.arange(keep, device=features.device)[None, :]
     stage_two = torch.cat([coverage, coverage.new_zeros(batch, keep)], dim=1)
     stage_two = stage_two.gather(1, (step - k_sal[:, None]).clamp_min(0))

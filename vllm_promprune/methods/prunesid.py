@@ -28,9 +28,6 @@ _UPPER_UNIT = 64  # group upper bound 5 * ceil(n / 64)
 _UPPER_PER_UNIT = 5
 _POWER_ITERATIONS = 2
 _LOWRANK_SEED = 0
-# NMS rounds are bounded by the largest group; checking every few rounds whether
-# any candidate is left ends early (usually far sooner) at one host sync per check.
-_NMS_CHECK_EVERY = 8
 # A fully redundant image (rho = 1) still gets a positive weight, so the budgets
 # can always reach the requested total when the caps allow it.
 _PHI_FLOOR = 1e-6
@@ -117,6 +114,11 @@ def _psca_groups(patch_features: torch.Tensor, q: int, pca: str) -> torch.Tensor
     return _principal_axes(centred, q, pca).abs().argmax(dim=1)
 
 
+def _group_members(group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[G, N] bool: token i is in group g, for the group index [N] of each token."""
+    return group[None, :] == torch.arange(num_groups, device=group.device)[:, None]
+
+
 def _nms_rounds(
     group: torch.Tensor,
     cosine: torch.Tensor,
@@ -135,16 +137,17 @@ def _nms_rounds(
 
     Returns:
         [N] int64: the round in which each survivor was picked, N for suppressed tokens.
+
+    All `max_rounds` rounds run (a round in which no group has a candidate changes
+    nothing): stopping early would need a host read of the candidates every round.
     """
     num_tokens = group.shape[0]
     device = group.device
-    member = group[None, :] == torch.arange(num_groups, device=device)[:, None]  # [G, N]
+    member = _group_members(group, num_groups)  # [G, N]
     candidate = torch.ones(num_tokens, dtype=torch.bool, device=device)
     pick_round = torch.full((num_tokens,), num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device)
     for step in range(max_rounds):
-        if step and step % _NMS_CHECK_EVERY == 0 and not bool(candidate.any()):
-            break
         live = member & candidate[None, :]
         score = torch.where(live, priority[None, :], 0)
         best = score.argmax(dim=1)  # [G]; meaningless (0) for groups with no candidate
@@ -156,63 +159,54 @@ def _nms_rounds(
     return pick_round
 
 
-def _quotas(group_sizes: Sequence[int], survivors: Sequence[int], n: int) -> list[int]:
-    """Patch tokens each group gives, summing to n - 1 (n counts the CLS token).
+def _quotas(group_sizes: torch.Tensor, survivors: torch.Tensor, n: int) -> torch.Tensor:
+    """Patch tokens each group gives [G] (int64), summing to n - 1 (n counts the CLS token).
 
-    Lower bound min(1, c_k); upper bound min(5 * ceil(n / 64), c_k, s_k), raised
-    by 1 for all groups (capped at c_k) while the bounds sum to less than n. The
-    n - 1 - sum(lower) spare tokens are split by s_k / sum(s) with cumulative
-    rounding computed as the reference computes it: `torch.round` of the float32
-    running sum `torch.cumsum(s_k / sum(s))` times the spare count, then
-    differences; the lower bound is added and the upper bound applied. Then groups
-    are filled up to their upper bound, each in turn, in the order
-    `torch.argsort(s, descending=True)` gives for the int64 counts (among equal
-    counts that is torch's order, not ascending group index), until the total is
-    n - 1.
+    `group_sizes` c [G] and `survivors` s [G] are int64 counts on one device; the
+    quotas are computed there with no host read. Lower bound min(1, c_k); upper
+    bound min(5 * ceil(n / 64), c_k, s_k), raised by 1 for all groups (capped at
+    c_k) while the bounds sum to less than n. The n - 1 - sum(lower) spare tokens
+    are split by s_k / sum(s) with cumulative rounding computed as the reference
+    computes it: `torch.round` of the float32 running sum `torch.cumsum(s_k / sum(s))`
+    times the spare count, then differences; the lower bound is added and the upper
+    bound applied. Then groups are filled up to their upper bound, each in turn, in
+    the order `torch.argsort(s, descending=True)` gives for the int64 counts (among
+    equal counts that is torch's order, not ascending group index), until the total
+    is n - 1.
 
-    Why the total is exactly n - 1: before capping the quotas sum to n - 1, and
-    capping only lowers them, so only a deficit is possible. The raising loop
-    stops with sum(upper) >= n, or with upper == c for all groups, i.e.
-    sum(upper) = sum(c) >= n - 1. Either way the top-up can fill the deficit.
-    The only failing case, sum(c) < n - 1 (fewer patch tokens than the budget),
-    is rejected up front; so is sum(lower) > n - 1 (more non-empty groups than
-    patch tokens to give), which PruneSID's q = max(int(n / 4), 1) rules out.
+    Preconditions (not checked: checking reads values): sum(c) >= n - 1 and
+    at most n - 1 non-empty groups; `prunesid_select` guarantees both (every patch
+    token is in a group, n <= N, and q = max(int(n / 4), 1) <= n - 1 groups).
+    Why the total is then exactly n - 1: before capping the quotas sum to n - 1,
+    and capping only lowers them, so only a deficit is possible. The raising stops
+    with sum(upper) >= n, or with upper == c for all groups, i.e. sum(upper) =
+    sum(c) >= n - 1. Either way the top-up can fill the deficit.
     """
     target = n - 1
-    if len(group_sizes) != len(survivors):
-        raise ValueError("group_sizes and survivors must have the same length")
     if target <= 0:
-        return [0] * len(group_sizes)
-    if sum(group_sizes) < target:
-        raise ValueError(f"budget n - 1 = {target} exceeds the {sum(group_sizes)} patch tokens")
-    lower = [min(1, c) for c in group_sizes]
-    if sum(lower) > target:
-        raise ValueError(f"{sum(lower)} non-empty groups cannot each get a token from n - 1 = {target}")
+        return torch.zeros_like(group_sizes)
+    lower = group_sizes.clamp_max(1)
     bound = _UPPER_PER_UNIT * math.ceil(n / _UPPER_UNIT)
-    upper = [min(bound, c, s) for c, s in zip(group_sizes, survivors)]
-    while sum(upper) < n:
-        raised = [min(u + 1, c) for u, c in zip(upper, group_sizes)]
-        if raised == upper:
-            break
-        upper = raised
+    upper = torch.minimum(group_sizes, survivors).clamp_max(bound)
+    # The raising, all at once: raise by the first t in 0..n at which the bounds reach
+    # n or all sit at c (by t = n one of the two holds: a group with c_k >= n reaches
+    # n alone, otherwise every u_k + n exceeds c_k).
+    raises = torch.arange(n + 1, device=upper.device)
+    raised = torch.minimum(upper + raises[:, None], group_sizes)  # [n + 1, G]
+    stops = (raised.sum(dim=1) >= n) | (raises >= (group_sizes - upper).max())
+    upper = raised.index_select(0, stops.to(torch.uint8).argmax().view(1)).squeeze(0)  # first stop
 
-    spare = target - sum(lower)
-    counts = torch.tensor(list(survivors), dtype=torch.long)
-    shares = counts.float() / max(sum(survivors), 1)
-    cumulative = torch.round(torch.cumsum(shares, dim=0) * spare).long().tolist()
-    spread = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]])]
-    quotas = [min(low + extra, high) for low, extra, high in zip(lower, spread, upper)]
+    spare = target - lower.sum()
+    shares = survivors.float() / survivors.sum().clamp_min(1)
+    cumulative = torch.round(torch.cumsum(shares, dim=0) * spare).long()
+    spread = cumulative.diff(prepend=cumulative.new_zeros(1))
+    quotas = torch.minimum(lower + spread, upper)
 
-    deficit = target - sum(quotas)
-    for k in torch.argsort(counts, descending=True).tolist():
-        if deficit == 0:
-            break
-        extra = min(upper[k] - quotas[k], deficit)
-        if extra > 0:
-            quotas[k] += extra
-            deficit -= extra
-    assert deficit == 0, "unreachable: see the docstring"
-    return quotas
+    # Top-up: in that order, each group takes min(its room, what is still missing).
+    order = torch.argsort(survivors, descending=True)
+    room = (upper - quotas)[order]
+    missing = (target - quotas.sum() - (torch.cumsum(room, dim=0) - room)).clamp_min(0)
+    return quotas + torch.zeros_like(quotas).scatter_(0, order, torch.minimum(room, missing))
 
 
 def prunesid_select(
@@ -251,8 +245,8 @@ def prunesid_select(
     patches = tokens[1:]
     num_groups = min(max(keep // 4, 1), *patches.shape)
     group = _psca_groups(patches, num_groups, options.pca)
-    sizes = torch.bincount(group, minlength=num_groups)
-    size_list = sizes.tolist()
+    member = _group_members(group, num_groups)  # counts from it: bincount reads its max on CUDA
+    sizes = member.sum(dim=1)
 
     y = unit_rows(patches, FINE_EPS)
     threshold = (keep / _THRESHOLD_SCALE) * _mean_pair_cosine(y)
@@ -261,19 +255,22 @@ def prunesid_select(
     by_attention = saliency.float()[None].argsort(dim=1, descending=True)[0]
     rank = torch.empty_like(by_attention).scatter_(0, by_attention, torch.arange(num_tokens, device=device))
     priority = num_tokens - rank  # unique, in [1, N]
-    pick_round = _nms_rounds(group, gram_matrix(y), priority, threshold, num_groups, max(size_list))
-
-    survived = pick_round < num_tokens
-    survivor_list = torch.bincount(group[survived], minlength=num_groups).tolist()
-    quotas = torch.tensor(_quotas(size_list, survivor_list, keep), device=device)
+    # The one host read: the largest group bounds the NMS rounds.
+    pick_round = _nms_rounds(group, gram_matrix(y), priority, threshold, num_groups, int(sizes.max()))
+    survivors = (member & (pick_round < num_tokens)[None, :]).sum(dim=1)
+    quotas = _quotas(sizes, survivors, keep)
 
     # Rank members: group, then pick round (suppressed share round N), then attention rank.
     order = torch.argsort((group * (num_tokens + 1) + pick_round) * num_tokens + rank)
     start = torch.cumsum(sizes, 0) - sizes
     ordered_group = group[order]
     within = torch.arange(num_tokens, device=device) - start[ordered_group]
-    chosen = order[within < quotas[ordered_group]]
-    return torch.cat([chosen.new_zeros(1), chosen + 1])
+    # The members within their quota, kept in `order`: exactly n - 1 of them, so they
+    # are compacted into a fixed-size result (a boolean index would read its size).
+    chosen = within < quotas[ordered_group]
+    slot = torch.where(chosen, torch.cumsum(chosen, dim=0) - 1, keep - 1)  # unchosen: a spare slot
+    rows = order.new_zeros(keep).scatter_(0, slot, order + 1)[: keep - 1]
+    return torch.cat([rows.new_zeros(1), rows])
 
 
 def _clipped_shares(weights: Sequence[float], caps: Sequence[int], total: int) -> list[float]:
