@@ -110,6 +110,7 @@ class Family(NamedTuple):
     checkpoint: str  # the tiny checkpoint's fixture
     images: ReferenceImages
     video_tokens: int  # video placeholders of `_video()`: 2 temporal patches of 8 x 8 (28 px) or 7 x 7 (32 px)
+    vispruner_margins: bool = True  # the VisPruner reference case has margins on this family's images
 
 
 QWEN3_IMAGES = ReferenceImages(SIZES_32, {"square": 12, "wide": 1, "tall": 6}, ("square", 1), (("tall", 0), ("wide", 0)))
@@ -118,9 +119,19 @@ FAMILIES = {
         SIZES_28, {"square": 10, "wide": 9, "tall": 38}, ("square", 7), (("tall", 5), ("wide", 6))), 128),
     "qwen2-vl": Family("tiny_qwen2_vl", ReferenceImages(
         SIZES_28, {"square": 95, "wide": 14, "tall": 8}, ("square", 0), (("tall", 0), ("wide", 1))), 128),
-    "qwen3-vl": Family("tiny_qwen3_vl", QWEN3_IMAGES, 98),
-    "qwen3-vl-moe": Family("tiny_qwen3_vl_moe", QWEN3_IMAGES, 98),  # the same tower weights as the dense one
+    # Qwen3-VL's tiny tower gives its least salient tokens received attention within ~1e-9
+    # of each other, and VisPruner's residual list is in that order (methods.md): on these
+    # images its selection moved under 1.2x-2x the guard's noise (measured 2026-12-03 on an
+    # AVX-512 machine, where the engine-vs-reference difference is 3.5e-10), so it has no
+    # VisPruner reference case; Qwen2-VL and Qwen2.5-VL cover that shared code path.
+    "qwen3-vl": Family("tiny_qwen3_vl", QWEN3_IMAGES, 98, vispruner_margins=False),
+    "qwen3-vl-moe": Family("tiny_qwen3_vl_moe", QWEN3_IMAGES, 98, vispruner_margins=False),  # the dense one's tower
 }
+
+
+def _reference_settings(family: str) -> list[dict]:
+    """REFERENCE_SETTINGS whose selections keep margins on the family's reference images."""
+    return [s for s in REFERENCE_SETTINGS if FAMILIES[family].vispruner_margins or s.get("method") != "vispruner"]
 # Floor of the margin guard's noise std; it uses 10x the vLLM-vs-transformers max abs
 # difference it measures on the machine it runs on when that is larger (`guard_noise`:
 # received attention measured 2.3e-10 on one machine, 3.5e-10 on an AVX-512 one, where a
@@ -247,7 +258,9 @@ def test_kept_tokens_carry_true_grid_positions(pruned_llm, reference, family_ima
 
 
 @pytest.mark.parametrize("settings", REFERENCE_SETTINGS)
-def test_matches_transformers_reference(pruned_llm, reference, cases, settings: dict) -> None:
+def test_matches_transformers_reference(pruned_llm, reference, cases, family: str, settings: dict) -> None:
+    if settings not in _reference_settings(family):
+        pytest.skip(f"{family}: no margins for this case on its images (see FAMILIES)")
     results = run(pruned_llm, [cases.request([cases.textured(size)], settings) for size in SIZE_NAMES])
     for size, result in zip(SIZE_NAMES, results):
         expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [cases.textured(size)], settings)
@@ -308,7 +321,7 @@ def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl:
     assert tokens == expected_tokens
 
 
-def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> None:
+def test_reference_cases_have_margins(pruned_llm, reference, family: str, family_images) -> None:
     """Guards the comparisons with the reference in this module (see test_engine_llava.py).
 
     Measures the engine-vs-reference difference of the tower outputs (merger inputs,
@@ -322,7 +335,8 @@ def test_reference_cases_have_margins(pruned_llm, reference, family_images) -> N
     from vllm_promprune.pruning import prune_images_indexed
     from vllm_promprune.settings import parse_image_settings
 
-    cases = [([(size, family_images.seeds[size])], raw) for raw in [*REFERENCE_SETTINGS, GRID_SETTINGS] for size in SIZE_NAMES]
+    case_settings = [*_reference_settings(family), GRID_SETTINGS]
+    cases = [([(size, family_images.seeds[size])], raw) for raw in case_settings for size in SIZE_NAMES]
     cases += [family_images.prefix_case, family_images.two_image_case]
     images = sorted({image for case_images, _ in cases for image in case_images})
     towers = {}
