@@ -81,7 +81,7 @@ def prune_towers_indexed(
     by_size: dict[int, list[int]] = {}  # N -> towers
     for tower_index, tower in enumerate(towers):
         first_image.append(first_image[-1] + tower.hidden.shape[0])
-        by_size.setdefault(tower.saliency.shape[1], []).append(tower_index)
+        by_size.setdefault(tower.hidden.shape[1], []).append(tower_index)
     if first_image[-1] != len(settings):
         raise ValueError(f"{len(settings)} settings for {first_image[-1]} images")
 

@@ -51,7 +51,7 @@ from ...families.qwen_vision import (
     mrope_positions,
     received_attention,
 )
-from ...pruning import TowerOutput, prune_images_indexed
+from ...pruning import TowerOutput, prune_towers_indexed
 from ...settings import PruneSettings
 from .common import (
     SELECTION_HOOKS,
@@ -222,14 +222,19 @@ class PrunedQwenMixin:
             first_patch = sum(patch_counts[:start])
             pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
             towers, stock = self.tower_outputs(pixels, grid_thw[start:stop])
+            pruning = [i for i, image in enumerate(range(start, stop)) if settings[i].prunes(sizes[image])]
+            # Images of equal N (and equal settings) select as one batch.
+            selected = dict(zip(pruning, prune_towers_indexed(
+                [towers[i] for i in pruning], [settings[i] for i in pruning], project, **SELECTION_HOOKS
+            ), strict=True))
             rows = []
-            for image, tower, stock_rows, image_settings in zip(range(start, stop), towers, stock, settings):
-                if not image_settings.prunes(sizes[image]):
+            for i, stock_rows in enumerate(stock):
+                if i not in selected:
                     rows.append(with_offsets(stock_rows, None))
                     continue
-                (pruned,) = prune_images_indexed(tower, [image_settings], project, **SELECTION_HOOKS)
+                pruned = selected[i]
                 kept_rows = self.kept_rows(pruned.rows, pruned.kept, stock_rows)
-                rows.append(with_offsets(kept_rows, grid_offsets(pruned.kept, grid_thw[image][2] // merge)))
+                rows.append(with_offsets(kept_rows, grid_offsets(pruned.kept, grid_thw[start + i][2] // merge)))
             return rows
 
         def stock() -> list[torch.Tensor]:
