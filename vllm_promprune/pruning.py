@@ -170,3 +170,43 @@ def prune_images_indexed(
             got = None if pruned is None else pruned.rows.shape[0]
             raise AssertionError(f"image {image}: pruning returned {got} rows for {expected} placeholders")
     return rows  # type: ignore[return-value]
+
+
+GREEDY_METHODS = frozenset({"promprune", "coverage", "divprune", "fps", "facility_location", "vispruner"})
+"""Methods whose selection is a loop of K steps (or rounds) over N x N matrices allocated
+up front: their memory grows with K only by K-long index rows (`PROFILE_INDEX_BYTES`)."""
+PEAK_SHARE = 8
+"""The memory profile runs GREEDY_METHODS at K = N // PEAK_SHARE, a loop that stays short
+at large N; every other method (merging, PCA-based, custom) at K = N - 1."""
+PROFILE_INDEX_BYTES = 32
+"""Bytes per image and per kept token beyond N // PEAK_SHARE that a greedy method may hold
+and the profile does not (int64 pick rows, masks; measured up to 20), at most 32 N bytes
+per image: 8 / N of one N x N float32 matrix (asserted in tests/audit/test_memory_profile.py)."""
+
+PROFILE_OPTIONS: dict[str, list[dict[str, object]]] = {
+    # mu 1 and kr_max 0.5: a split that needs the exact spectrum and gives at least half of K
+    # to the coverage stage, whatever the profile image looks like; each coverage stage
+    # allocates its own matrices.
+    "promprune": [{"mu": 1.0, "kr_max": 0.5, "coverage": coverage} for coverage in ("dpp", "fps", "fl")],
+    "prunesid": [{"pca": "exact"}, {"pca": "lowrank"}],
+}
+"""Option sets the memory profile runs per method (default options for the others)."""
+
+
+def profile_keep(method: str, num_tokens: int) -> int:
+    """The budget at which the memory profile runs `method` on an image of N tokens."""
+    return max(1, num_tokens // PEAK_SHARE if method in GREEDY_METHODS else num_tokens - 1)
+
+
+def memory_profile_settings(num_tokens: int, methods: Sequence[str]) -> list[PruneSettings]:
+    """The selections vLLM's memory profile runs on an image of `num_tokens` selectable
+    tokens, so that the KV cache is sized with selection's peak included: each of
+    `methods` (those the family's tower can feed), with each of its PROFILE_OPTIONS, at
+    `profile_keep`. Checked against the peak of every method over budgets and options in
+    tests/audit/test_memory_profile.py.
+    """
+    return [
+        PruneSettings(keep=profile_keep(method, num_tokens), method=method, options=options)
+        for method in methods
+        for options in PROFILE_OPTIONS.get(method, [{}])
+    ]

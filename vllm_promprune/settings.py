@@ -112,12 +112,8 @@ class PruneSettings(BaseModel):
         return METHODS[self.method].options(**self.options)
 
     def to_tensor(self) -> torch.Tensor:
-        """Encode as a uint8 tensor (multimodal kwargs cannot carry strings)."""
+        """Encode as a uint8 tensor of the settings' JSON (multimodal kwargs cannot carry strings)."""
         return torch.frombuffer(bytearray(self.model_dump_json().encode()), dtype=torch.uint8)
-
-    @classmethod
-    def from_tensor(cls, data: torch.Tensor) -> PruneSettings:
-        return cls.model_validate_json(bytes(data.to(torch.uint8).tolist()))
 
 
 SETTING_NAMES = tuple(name for name in PruneSettings.model_fields if name != "options")

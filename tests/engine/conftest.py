@@ -146,6 +146,13 @@ def take_recorded_buffers(model) -> list[tuple[bool, bool, bool]]:
     return recorded
 
 
+def profiled_selections(model) -> list[tuple[str, int, int, int]]:
+    """(method, N, K, images) of every selection vLLM's memory profile ran in the worker."""
+    from vllm_promprune.engine.models.common import PROFILED_SELECTIONS
+
+    return list(PROFILED_SELECTIONS)
+
+
 def take_recorded_positions(model):  # noqa: ANN201
     """All positions recorded since the last call, concatenated over forward passes (None: none)."""
     import torch

@@ -24,6 +24,7 @@ from .conftest import (
     jittered,
     max_differences,
     offline_engine,
+    profiled_selections,
     run,
     same_selections,
     selections,
@@ -216,6 +217,23 @@ def test_many_pruned_images_span_encoder_micro_batches(pruned_llm, reference) ->
     prompt_ids = reference.processor.tokenizer(PROMPT).input_ids
     for seed, result in zip(seeds, results):
         assert result == reference.greedy(prompt_ids, [textured_image(seed)], {"keep": 16}, 8)
+
+
+def test_memory_profile_runs_every_selection_at_the_largest_image(tiny_llava: Path) -> None:
+    """vLLM sizes the KV cache from a profiling run (on the CPU only when compiling). An
+    engine without a default budget still runs every selection the CLIP tower can feed there,
+    on images of the maximum size, as many at once as an encoder micro-batch holds; then it
+    serves pruned requests as before."""
+    from vllm_promprune.methods import METHODS
+    from vllm_promprune.pruning import CLS_TOWER_INPUTS, memory_profile_settings
+
+    with offline_engine(tiny_llava, {**ENGINE_ARGS, "enforce_eager": False}, pruned=True) as llm:
+        (profiled,) = llm.apply_model(profiled_selections)
+        (unpruned, _), (pruned, _) = run(llm, [_request(7, {"keep": None}), _request(8, {"keep": 20})], max_tokens=1)
+    methods = [name for name, spec in METHODS.items() if set(spec.needs) <= CLS_TOWER_INPUTS]
+    expected = [(s.method, NUM_TOKENS, s.keep, 2) for s in memory_profile_settings(NUM_TOKENS, methods)]
+    assert sorted(profiled) == sorted(expected)  # 2 images per micro-batch (test above)
+    assert len(pruned) == len(unpruned) - NUM_TOKENS + 20
 
 
 @pytest.mark.parametrize(

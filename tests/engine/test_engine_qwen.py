@@ -37,6 +37,7 @@ from .conftest import (
     jittered,
     max_differences,
     offline_engine,
+    profiled_selections,
     run,
     same_selections,
     selections,
@@ -303,11 +304,24 @@ def test_language_model_reads_the_runners_buffers(pruned_llm, cases) -> None:
     assert all(same_positions and same_embeds for _, same_positions, same_embeds in steps), steps
 
 
+def largest_image_tokens(model) -> int:
+    return model.max_image_tokens
+
+
+def _qwen_methods() -> list[str]:
+    from vllm_promprune.families.qwen_vision import QWEN_TOWER_INPUTS
+    from vllm_promprune.methods import METHODS
+
+    return [name for name, spec in METHODS.items() if set(spec.needs) <= QWEN_TOWER_INPUTS]
+
+
 def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl: Path) -> None:
     """The position check of test_kept_tokens_carry_true_grid_positions with the language
     model compiled (enforce_eager=False: torch.compile on the CPU backend, which is how the
     GPU runner prepares its CUDA graphs): positions read from the runner's tensor after
-    each forward, tokens and positions against transformers' `get_rope_index`."""
+    each forward, tokens and positions against transformers' `get_rope_index`. Also checks
+    that vLLM's memory profile ran every selection at the maximum image size."""
+    from vllm_promprune.pruning import memory_profile_settings
     from vllm_promprune.reference import load_reference
 
     reference = load_reference(tiny_qwen2_5_vl)
@@ -315,10 +329,17 @@ def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl:
     image = images.cases.textured("wide")
     with _recording_engine(tiny_qwen2_5_vl, pruned=True, enforce_eager=False) as llm:
         ids, tokens, positions = _solo_with_positions(llm, images.cases.request([image], GRID_SETTINGS))
+        (profiled,) = llm.apply_model(profiled_selections)
+        (max_tokens,) = llm.apply_model(largest_image_tokens)
     expected_ids, expected_tokens, expected_positions = reference.greedy(PROMPT, [image], GRID_SETTINGS)
     assert ids == expected_ids
     assert torch.equal(positions, expected_positions)
     assert tokens == expected_tokens
+    # The CPU runner profiles (and so prunes the profiling items) only when compiling; this
+    # engine has no default budget, and its profile still ran every selection the Qwen
+    # tower can feed, at the family's maximum image size.
+    expected = [(s.method, max_tokens, s.keep) for s in memory_profile_settings(max_tokens, _qwen_methods())]
+    assert sorted((method, tokens, keep) for method, tokens, keep, _ in profiled) == sorted(expected)
 
 
 def test_reference_cases_have_margins(pruned_llm, reference, family: str, family_images) -> None:

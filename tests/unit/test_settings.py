@@ -67,7 +67,7 @@ def test_settings_must_be_an_object() -> None:
 
 def test_tensor_round_trip_and_counts() -> None:
     settings = parse_settings({"keep": 64, "order": "selection", "mu": 0.3})
-    assert PruneSettings.from_tensor(settings.to_tensor()) == settings
+    assert PruneSettings.model_validate_json(bytes(settings.to_tensor().tolist())) == settings
     assert settings.kept_tokens(576) == 64
     assert settings.kept_tokens(40) == 40 and not settings.prunes(40)
 

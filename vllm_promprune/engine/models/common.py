@@ -12,7 +12,9 @@ with `SELECTION_HOOKS` (metrics and the last-resort guard).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -28,7 +30,8 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
-from ...pruning import CLS_TOWER_INPUTS, CLS_TOWER_NAME
+from ...methods import METHODS
+from ...pruning import CLS_TOWER_INPUTS, CLS_TOWER_NAME, memory_profile_settings
 from ...settings import (
     SETTINGS_KEY,
     PruneSettings,
@@ -40,6 +43,14 @@ from .. import metrics
 
 SETTINGS_FIELD = "promprune_settings"
 """Name of the per-image multimodal kwarg carrying the encoded settings."""
+MEMORY_PROFILE_KEY = "memory_profile"
+"""Key of the SETTINGS_FIELD payload of vLLM's profiling items: the methods the profile runs."""
+
+_MAKING_DUMMY_INPUTS: ContextVar[bool] = ContextVar("promprune_making_dummy_inputs", default=False)
+_RUNNING_MEMORY_PROFILE: ContextVar[bool] = ContextVar("promprune_running_memory_profile", default=False)
+PROFILED_SELECTIONS: list[tuple[str, int, int, int]] = []
+"""(method, N, K, images) of every micro-batch selection the memory profile ran in this
+process (N and K of its first image)."""
 
 logger = init_logger(__name__)
 
@@ -81,6 +92,20 @@ class PruningProcessorMixin:
             image_settings.check_inputs(self.tower_inputs, self.tower_name)
         return settings
 
+    def profiled_methods(self) -> list[str]:
+        """The methods this family's tower can feed: what vLLM's memory profile runs."""
+        return [name for name, spec in METHODS.items() if set(spec.needs) <= self.tower_inputs]
+
+    def get_dummy_mm_inputs(self, mm_counts: Mapping[str, int], **kwargs: Any):  # noqa: ANN201
+        # vLLM's memory profile (and nothing a client sends) builds its items here: they
+        # carry a marker instead of settings, so the model runs every selection on them
+        # at their (maximum) size and the KV cache is sized with selection's peak included.
+        making = _MAKING_DUMMY_INPUTS.set(True)
+        try:
+            return super().get_dummy_mm_inputs(mm_counts, **kwargs)
+        finally:
+            _MAKING_DUMMY_INPUTS.reset(making)
+
     def _get_mm_hashes(self, inputs: ProcessorInputs) -> MultiModalHashes:
         # vLLM hashes the whole request's kwargs into every item: two copies of one image
         # with budgets [3, 300] would share one identity (the processor cache would serve the
@@ -89,10 +114,15 @@ class PruningProcessorMixin:
         # settings (server default included) instead; other modalities with none.
         stock_kwargs = without_settings(inputs.hf_processor_mm_kwargs)
         hashes = dict(super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=stock_kwargs)))
+        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+        if _MAKING_DUMMY_INPUTS.get():  # profiling items (they carry markers) never share a request's identity
+            return {
+                modality: [MultiModalHasher.hash_kwargs(algorithm, mm_hash=h, promprune=MEMORY_PROFILE_KEY) for h in items]
+                for modality, items in hashes.items()
+            }
         images = hashes.get("image")
         if images:
             settings = self.prune_settings(inputs.hf_processor_mm_kwargs, len(images))
-            algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
             hashes["image"] = [
                 MultiModalHasher.hash_kwargs(algorithm, mm_hash=image_hash, promprune=image_settings.model_dump_json())
                 for image_hash, image_settings in zip(images, settings, strict=True)
@@ -123,7 +153,11 @@ class PruningProcessorMixin:
         # calls `_call_hf_processor`): nothing below it sees the settings.
         processed = super()._apply_hf_processor_main(mm_items, without_settings(hf_kwargs))
         settings = self.prune_settings(hf_kwargs, self.num_images(processed))
-        processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
+        if making_dummy_inputs():
+            marker = memory_profile_marker(self.profiled_methods())
+            processed[SETTINGS_FIELD] = [marker.clone() for _ in settings]
+        else:
+            processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
         return processed
 
     def _get_mm_fields_config(
@@ -199,14 +233,38 @@ def profiled_items_per_batch(vllm_config: VllmConfig, tokens_per_item: int, moda
     return max(1, min(budget // tokens_per_item, max_requests * per_prompt))
 
 
-def decode_settings(field: Any, num_items: int) -> list[PruneSettings]:
-    """Per-item settings from the SETTINGS_FIELD kwarg (stacked tensor or list)."""
+def making_dummy_inputs() -> bool:
+    """Whether the processor is building vLLM's profiling items right now."""
+    return _MAKING_DUMMY_INPUTS.get()
+
+
+def memory_profile_marker(methods: Sequence[str]) -> torch.Tensor:
+    """SETTINGS_FIELD payload of a profiling item: run `methods` on it (uint8 JSON)."""
+    return torch.frombuffer(bytearray(json.dumps({MEMORY_PROFILE_KEY: list(methods)}).encode()), dtype=torch.uint8)
+
+
+def memory_profile_methods(payload: torch.Tensor) -> list[str] | None:
+    """The methods a `memory_profile_marker` names (None: `payload` is no marker)."""
+    if payload.numel() == 0:
+        return None
+    decoded = json.loads(bytes(payload.to(torch.uint8).tolist()))
+    return decoded.get(MEMORY_PROFILE_KEY) if isinstance(decoded, dict) else None
+
+
+def decode_settings(field: Any, num_items: int) -> list[PruneSettings] | list[str]:
+    """Per-item settings from the SETTINGS_FIELD kwarg (stacked tensor or list), or, for
+    vLLM's profiling items, the methods the memory profile runs on them."""
     if field is None:
         raise ValueError(f"missing {SETTINGS_FIELD}: the pruned processor always emits it")
-    settings = [PruneSettings.from_tensor(item) for item in field]
-    if len(settings) != num_items:
-        raise ValueError(f"{SETTINGS_FIELD} has {len(settings)} items for {num_items} images")
-    return settings
+    payloads = [json.loads(bytes(item.to(torch.uint8).tolist())) for item in field]
+    if len(payloads) != num_items:
+        raise ValueError(f"{SETTINGS_FIELD} has {len(payloads)} items for {num_items} images")
+    profiled = [payload[MEMORY_PROFILE_KEY] for payload in payloads if MEMORY_PROFILE_KEY in payload]
+    if profiled:
+        if len(profiled) != num_items or any(methods != profiled[0] for methods in profiled):
+            raise AssertionError("profiling items were batched with other items")
+        return profiled[0]
+    return [PruneSettings.model_validate(payload) for payload in payloads]
 
 
 def report_selection_failure(settings: PruneSettings, num_images: int, error: BaseException) -> None:
@@ -224,8 +282,13 @@ def report_selection_failure(settings: PruneSettings, num_images: int, error: Ba
 
 _FAILED_METHODS: set[str] = set()
 
+def _record_selection(method: str, seconds: float) -> None:
+    if not _RUNNING_MEMORY_PROFILE.get():  # the profile's selections are not served requests
+        metrics.record_selection(method, seconds)
+
+
 SELECTION_HOOKS: Mapping[str, Any] = {
-    "on_selection": metrics.record_selection,
+    "on_selection": _record_selection,
     "on_failure": report_selection_failure,
 }
 """Keyword arguments of `pruning.prune_images*` / `anyres.prune_anyres` inside the engine."""
@@ -271,7 +334,11 @@ def pruned_image_embeddings(
     checks that each image returns exactly as many rows as it has placeholders
     (vLLM would silently use the first rows if there were more).
     """
-    settings = decode_settings(field, len(geometry))
+    decoded = decode_settings(field, len(geometry))
+    if decoded and isinstance(decoded[0], str):
+        run_memory_profile(decoded, geometry, budget, embed)
+        return list(stock())
+    settings: list[PruneSettings] = decoded  # type: ignore[assignment]
     for image_settings, image in zip(settings, geometry):
         metrics.record_image(image_settings, image.num_content, image.num_stock)
     if not any(s.prunes(image.num_content) for s, image in zip(settings, geometry)):
@@ -284,3 +351,23 @@ def pruned_image_embeddings(
         if image_rows.shape[0] != expected:
             raise AssertionError(f"image {index}: {image_rows.shape[0]} rows for {expected} placeholders")
     return rows
+
+
+def run_memory_profile(methods: Sequence[str], geometry: Sequence[ImageGeometry], budget: int, embed: EmbedImages) -> None:
+    """Run every selection of `memory_profile_settings` on vLLM's profiling items (at the
+    micro-batches a request's images would get), discarding the rows: vLLM measures the
+    peak memory of this run to size the KV cache. Recorded in PROFILED_SELECTIONS."""
+    per_image = [memory_profile_settings(image.num_content, methods) for image in geometry]
+    running = _RUNNING_MEMORY_PROFILE.set(True)
+    try:
+        for column in zip(*per_image, strict=True):
+            for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
+                embed(start, stop, column[start:stop])
+                first, tokens = column[start], geometry[start].num_content
+                PROFILED_SELECTIONS.append((first.method, tokens, first.kept_tokens(tokens), stop - start))
+    finally:
+        _RUNNING_MEMORY_PROFILE.reset(running)
+    logger.info(
+        "promprune: vLLM's memory profile ran %d selections (%s) on %d image(s) of up to %d tokens",
+        len(per_image[0]), ", ".join(dict.fromkeys(methods)), len(geometry), max(image.num_content for image in geometry),
+    )

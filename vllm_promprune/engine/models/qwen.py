@@ -26,7 +26,7 @@ block's input and the merger's input).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -35,7 +35,8 @@ from vllm.config import VllmConfig
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
 
 from ...families.qwen_vision import (
     OFFSET_COLUMNS,
@@ -58,9 +59,18 @@ from .common import (
     SETTINGS_FIELD,
     ImageGeometry,
     PruningProcessorMixin,
+    making_dummy_inputs,
+    memory_profile_marker,
+    memory_profile_methods,
     profiled_items_per_batch,
     pruned_image_embeddings,
+    run_memory_profile,
 )
+
+VIDEO_PROFILE_FIELD = "promprune_video_profile"
+"""Per-video uint8 kwarg: empty, or on vLLM's profiling video a `memory_profile_marker`.
+vLLM profiles the one modality with the most tokens per item; when that is video, the
+image selections run on that video's tower output (cut to the largest image)."""
 
 
 class PrunedQwenProcessorMixin(PruningProcessorMixin):
@@ -77,6 +87,21 @@ class PrunedQwenProcessorMixin(PruningProcessorMixin):
     def num_images(self, processed_data: BatchFeature) -> int:
         grids = processed_data.get("image_grid_thw")
         return 0 if grids is None else len(grids)
+
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        grids = processed.get("video_grid_thw")
+        num_videos = 0 if grids is None else len(grids)
+        payload = memory_profile_marker(self.profiled_methods()) if making_dummy_inputs() else torch.empty(0, dtype=torch.uint8)
+        processed[VIDEO_PROFILE_FIELD] = [payload.clone() for _ in range(num_videos)]
+        return processed
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[VIDEO_PROFILE_FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def check_pruned_images(self, settings: Sequence[PruneSettings], out_mm_kwargs: MultiModalKwargsItems) -> None:
         """A pruned image keeps its full grid's positions (max(h, w) of them) on K tokens, so
@@ -121,9 +146,10 @@ class PrunedQwenMixin:
             # Position offsets are read from the embeddings on the first stage only.
             raise ValueError(f"pruned {self.family_name} does not support pipeline parallelism")
         info = MULTIMODAL_REGISTRY.get_processing_info(self.model_config)
-        max_tokens = info.get_max_image_tokens()
+        self.max_image_tokens = info.get_max_image_tokens()
         merge_unit = self.visual.spatial_merge_size**2
-        self.encoder_patch_budget = profiled_items_per_batch(vllm_config, max_tokens) * max_tokens * merge_unit
+        self.profiled_images = profiled_items_per_batch(vllm_config, self.max_image_tokens)
+        self.encoder_patch_budget = self.profiled_images * self.max_image_tokens * merge_unit
         self._pending_offsets: _PendingOffsets | None = None
 
     def tower_outputs(
@@ -196,6 +222,7 @@ class PrunedQwenMixin:
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         field = kwargs.pop(SETTINGS_FIELD, None)
+        video_profile = kwargs.pop(VIDEO_PROFILE_FIELD, None)
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: list[torch.Tensor] = []
         for modality, modality_input in inputs.items():
@@ -203,7 +230,33 @@ class PrunedQwenMixin:
                 embeddings.extend(self._image_rows(modality_input, field))
             else:
                 embeddings.extend(self._video_rows(modality_input))
+                methods = None if video_profile is None else memory_profile_methods(video_profile[0])
+                if methods is not None:
+                    self._profile_on_video(modality_input, methods)
         return embeddings
+
+    def _profile_on_video(self, video_input: Any, methods: Sequence[str]) -> None:
+        """vLLM's memory profile ran on a video: run the image selections on its first
+        video's tower output cut to the largest image's tokens, as many images at once as
+        an encoder micro-batch holds (the video has at least as many tokens: vLLM profiles
+        the modality with the most)."""
+        grid = video_input["video_grid_thw"][:1].tolist()
+        patches = grid[0][0] * grid[0][1] * grid[0][2]
+        (tower,), _ = self.tower_outputs(video_input["pixel_values_videos"][:patches], grid)
+        tokens = min(self.max_image_tokens, tower.saliency.shape[1])
+        images = TowerOutput(
+            tower.hidden[:, : tokens + 1].expand(self.profiled_images, -1, -1),
+            tower.saliency[:, :tokens].expand(self.profiled_images, -1),
+            None,
+        )
+        project = merger_projection(self.visual.merger)
+
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+            pruned = prune_towers_indexed([images.rows(start, stop)], settings, project, **SELECTION_HOOKS)
+            return [image.rows for image in pruned]
+
+        geometry = [ImageGeometry(tokens, tokens, tower_cost=1)] * self.profiled_images
+        run_memory_profile(methods, geometry, self.profiled_images, embed)
 
     def _video_rows(self, video_input: Any) -> list[torch.Tensor]:
         """Videos as stock vLLM embeds them (not pruned by the plugin), with zero offsets."""
