@@ -97,3 +97,87 @@ def test_trust_patch_exempts_only_the_pruning_key() -> None:
     check(mm_processor_kwargs={"promprune": {"keep": 1}, "size": 3}, media_io_kwargs=None, trust_request_mm_kwargs=False)
     check(mm_processor_kwargs={"promprune": {"keep": 1}}, media_io_kwargs=None, trust_request_mm_kwargs=True)
     assert calls == [{"size": 3}, {"promprune": {"keep": 1}}]
+
+
+class _Forwarded:
+    """An app behind the middleware that records the headers and body it received."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict, bytes]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.requests.append((dict(scope["headers"]), (await receive())["body"]))
+
+
+@pytest.fixture
+def json_loads_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bodies `json.loads` is called on while the test runs."""
+    calls: list[bytes] = []
+    loads = json.loads
+
+    def recording_loads(text: str | bytes, *args: object, **kwargs: object) -> object:
+        calls.append(text)
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", recording_loads)
+    return calls
+
+
+def _image_body(**extra: object) -> bytes:
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 4096).decode()  # 1 MiB "image"
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is shown?"}]
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": content}], **extra}).encode()
+
+
+def test_middleware_forwards_bodies_without_a_pruning_key_unparsed_and_byte_identical(
+    json_loads_calls: list[bytes],
+) -> None:
+    app = _Forwarded()
+    middleware = PruningSettingsMiddleware(app)
+    bodies = [
+        _image_body(),
+        _image_body(vllm_xargs={"other": 1}, mm_processor_kwargs={"num_crops": 2}),
+        b'{ "model" :"m",\n "messages": [], "stop": ["a\\/b"] }',  # a backslash, but no \u escape
+        b"{not json",
+    ]
+    for body in bodies:
+        _call(middleware, body)
+    assert json_loads_calls == []
+    assert [forwarded for _, forwarded in app.requests] == bodies
+    assert all(headers[b"content-length"] == str(len(body)).encode() for (headers, _), body in zip(app.requests, bodies))
+
+
+def test_middleware_folds_escaped_keys_like_plain_ones(json_loads_calls: list[bytes]) -> None:
+    app = _Forwarded()
+    middleware = PruningSettingsMiddleware(app)
+    plain = _image_body(vllm_xargs={"promprune_keep": 16})
+    escaped = [
+        plain,
+        plain.replace(b"promprune_keep", b"promprune\\u005fkeep"),
+        plain.replace(b"promprune_keep", b"\\u0070r\\u006Fmprune_keep"),  # no literal "promprune" left
+    ]
+    for body in escaped:
+        _call(middleware, body)
+    assert json_loads_calls == escaped
+    folded = [json.loads(forwarded) for _, forwarded in app.requests]
+    assert folded[0]["mm_processor_kwargs"] == {"promprune": {"keep": 16}} and "vllm_xargs" not in folded[0]
+    assert folded == [folded[0]] * 3
+    clash = b'{"mm_processor_kwargs": {"\\u0070romprune": {"keep": 8}}, "vllm_xargs": {"promprune_keep": 9}}'
+    sent = _call(middleware, clash)
+    assert sent[0]["status"] == 400 and len(app.requests) == 3
+
+
+def test_middleware_parses_bodies_with_escapes_or_utf16_and_forwards_them_unchanged(
+    json_loads_calls: list[bytes],
+) -> None:
+    app = _Forwarded()
+    middleware = PruningSettingsMiddleware(app)
+    escaped_text = json.dumps({"model": "m", "messages": [{"role": "user", "content": "café"}]}).encode()
+    utf16 = json.dumps({"vllm_xargs": {"promprune_keep": 4}}).encode("utf-16")  # no UTF-8 "promprune" bytes
+    _call(middleware, escaped_text)
+    _call(middleware, utf16)
+    assert json_loads_calls == [escaped_text, utf16]
+    assert app.requests[0][1] == escaped_text  # no pruning key: as it came
+    assert json.loads(app.requests[1][1]) == {"mm_processor_kwargs": {"promprune": {"keep": 4}}}

@@ -6,6 +6,10 @@ Install with `--middleware vllm_promprune.engine.middleware.PruningSettingsMiddl
 multimodal processor and hash see them, and answers 400 if the two routes
 disagree. The settings themselves are validated by the pruned processor, which
 also knows the server default they are merged over.
+
+A body that cannot hold a pruning key is passed on as it came, without being
+parsed (see `may_hold_settings`): chat bodies carry multi-MB base64 images, and
+parsing runs on the server's event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
+_KEY = SETTINGS_KEY.encode()  # XARGS_PREFIX is SETTINGS_KEY + "_"
 
 
 def rewrite_request(payload: dict[str, Any]) -> dict[str, Any]:
@@ -56,11 +61,8 @@ class PruningSettingsMiddleware:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None  # vLLM answers malformed JSON itself
-        if isinstance(payload, dict):
+        payload = _json_object(body) if may_hold_settings(body) else None
+        if payload is not None:
             try:
                 rewritten = rewrite_request(payload)
             except ValueError as error:
@@ -74,6 +76,32 @@ class PruningSettingsMiddleware:
                     for name, value in scope["headers"]
                 ]
         await self.app(scope, _replay(body, receive), send)
+
+
+def may_hold_settings(body: bytes) -> bool:
+    """False only if no JSON spelling of a pruning key can occur in `body`.
+
+    The keys of both routes contain "promprune" (`mm_processor_kwargs.promprune`,
+    `vllm_xargs.promprune_*`). JSON also lets a client write any character of a key
+    as a `\\uXXXX` escape (`"promprune\\u005fkeep"` is the key `promprune_keep`); no
+    single byte pattern covers every such spelling and a regex for them scans slower
+    than parsing, so a body with any `\\u` escape is parsed, as all bodies were.
+    Base64 image data holds no backslash, so the usual image request costs two scans.
+    The byte search assumes UTF-8; vLLM (like `json.loads`) also accepts UTF-16 and
+    UTF-32 JSON, which is recognised the way `json.loads` does and always parsed.
+    """
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return True
+    return _KEY in body or (b"\\" in body and b"\\u" in body)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body's JSON object; None if it is not one (vLLM answers malformed JSON itself)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 async def _read_body(receive: Receive) -> bytes:

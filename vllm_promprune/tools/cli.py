@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..settings import SETTINGS_KEY, parse_settings
+from .cpu_defaults import apply_cpu_defaults
 
 MIDDLEWARE = "vllm_promprune.engine.middleware.PruningSettingsMiddleware"
 
@@ -267,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv[:1] == ["serve"]:
         args, vllm_args = parser.parse_known_args(argv)
+        # Every command that starts vLLM does so through `serve` (in this process, or in a
+        # ServerProcess child that comes here): first, before anything imports huggingface_hub.
+        apply_cpu_defaults()
         run_vllm_serve(serve_argv(args, vllm_args))
         return
     args = parser.parse_args(argv)

@@ -16,15 +16,23 @@ import requests
 class ServerProcess:
     """A pruning-enabled OpenAI server on 127.0.0.1, stopped by PID on exit.
 
-    `env` adds to (or overrides) this process's environment for the server.
+    `env` adds to (or overrides) this process's environment for the server;
+    with `inherit_env=False` it is the server's whole environment.
     """
 
     def __init__(
-        self, model: str, serve_args: list[str], port: int, log_path: Path, env: Mapping[str, str] | None = None
+        self,
+        model: str,
+        serve_args: list[str],
+        port: int,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        inherit_env: bool = True,
     ) -> None:
         self.model = model
         self.serve_args = serve_args
-        self.env = None if env is None else {**os.environ, **env}
+        self.env = {**(os.environ if inherit_env else {}), **(env or {})}
         self.port = port
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
