@@ -126,7 +126,8 @@ def received_attention(
             sequences packed along L.
         cu_seqlens: sequence boundaries [0, ..., L] (`frame_bounds`: one sequence per image).
         scale: softmax scale (d ** -0.5).
-        chunk_elements: bound on the attention-probability block held at once.
+        chunk_elements: off CPU, bound on the attention-probability block held at once
+            (`chunked_column_sums`; on CPU `fused_column_sums` holds one kernel tile).
 
     Returns:
         [L] float32.
@@ -134,15 +135,57 @@ def received_attention(
     received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
     heads = query.shape[1]
     for start, stop in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        q, k = query[start:stop].float(), key[start:stop].float()
-        length = stop - start
-        rows = max(1, chunk_elements // (length * heads))
-        total = torch.zeros(length, dtype=torch.float32, device=query.device)
-        for row in range(0, length, rows):
-            logits = torch.einsum("qhd,khd->hqk", q[row : row + rows], k) * scale
-            total += logits.softmax(dim=-1).sum(dim=(0, 1))
-        received[start:stop] = total / (heads * length)
+        q, k = query[start:stop].float().transpose(0, 1), key[start:stop].float().transpose(0, 1)
+        if query.device.type == "cpu":
+            sums = fused_column_sums(q, k, scale)
+        else:
+            sums = chunked_column_sums(q, k, scale, chunk_elements)
+        received[start:stop] = sums / (heads * (stop - start))
     return received
+
+
+def fused_column_sums(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column sums of the softmax attention, summed over heads, by two passes of torch's fused
+    CPU attention kernel, which never holds more than a tile of probabilities.
+
+    Pass 1: lse_q = log sum_k exp(s_qk), s = scale q.k. Pass 2 runs the same kernel with
+    keys as queries and queries as keys, the logits extended by one dimension to
+    s_qk - lse_q, so its log-sum-exp per key is log sum_q softmax_q(k). Exact up to float
+    rounding. Only the kernel's log-sum-exp output is used; its zero values still cost a
+    product as large as the logits'.
+
+    Args:
+        query, key: [H, L, d] float32 (CPU).
+
+    Returns:
+        [L] float32: sum over heads and queries of each key's attention probability.
+    """
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    query, key = query[None], key[None]
+    _, query_lse = attention(query, key, torch.zeros_like(query), scale=scale)  # [1, H, L]
+    extended_key = torch.cat([key * scale, torch.ones_like(key[..., :1])], dim=-1)
+    extended_query = torch.cat([query, -query_lse[..., None]], dim=-1)
+    _, key_lse = attention(extended_key, extended_query, torch.zeros_like(extended_key), scale=1.0)
+    return key_lse[0].exp().sum(dim=0)
+
+
+def chunked_column_sums(query: torch.Tensor, key: torch.Tensor, scale: float, chunk_elements: int) -> torch.Tensor:
+    """`fused_column_sums` on any device: softmax over chunks of whole query rows (at most
+    `chunk_elements` probabilities at once), summed over heads and queries.
+
+    Args:
+        query, key: [H, L, d] float32.
+
+    Returns:
+        [L] float32.
+    """
+    heads, length, _ = query.shape
+    rows = max(1, chunk_elements // (length * heads))
+    total = torch.zeros(length, dtype=torch.float32, device=query.device)
+    for row in range(0, length, rows):
+        logits = torch.matmul(query[:, row : row + rows], key.transpose(1, 2)) * scale
+        total += logits.softmax(dim=-1).sum(dim=(0, 1))
+    return total
 
 
 def to_merged_raster(window_ordered: torch.Tensor, reverse_indices: torch.Tensor, unit: int) -> torch.Tensor:
