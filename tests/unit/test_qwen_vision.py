@@ -13,6 +13,7 @@ from vllm_promprune.families.qwen_vision import (
     frame_bounds,
     fused_column_sums,
     grid_offsets,
+    merged_tower_outputs,
     mrope_positions,
     received_attention,
     to_merged_raster,
@@ -139,6 +140,26 @@ def test_to_merged_raster_undoes_the_window_permutation() -> None:
     window_ordered = raster_patches[window_index].flatten()
     groups = to_merged_raster(window_ordered, torch.argsort(window_index), unit=4)
     assert torch.equal(groups, raster_patches)
+
+
+def test_merged_outputs_skip_saliency_per_image() -> None:
+    # Three images of 3, 2 and 4 merge groups (unit 4); the window order permutes each
+    # image's groups among themselves, as Qwen2.5-VL's does.
+    sizes, unit = [3, 2, 4], 4
+    window_index = torch.tensor([2, 0, 1, 4, 3, 8, 6, 5, 7])
+    reverse = torch.argsort(window_index)
+    generator = torch.Generator().manual_seed(0)
+    received = torch.rand(sum(sizes) * unit, generator=generator)
+    merger_input = torch.randn(sum(sizes) * unit, 5, generator=generator)
+    per_image = list(received.split([size * unit for size in sizes]))
+    every = merged_tower_outputs(per_image, merger_input, reverse, unit, sizes)
+    some = merged_tower_outputs([None, per_image[1], per_image[2]], merger_input, reverse, unit, sizes)
+
+    raster_scores = to_merged_raster(received, reverse, unit).mean(dim=1).split(sizes)
+    for image, (full, partial) in enumerate(zip(every, some)):
+        assert torch.equal(full.saliency[0], raster_scores[image])
+        assert torch.equal(full.hidden, partial.hidden) and full.keys is None and partial.keys is None
+        assert partial.saliency is None if image == 0 else torch.equal(partial.saliency, full.saliency)
 
 
 def test_frame_bounds_are_one_full_attention_sequence_per_frame() -> None:

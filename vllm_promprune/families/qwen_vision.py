@@ -10,7 +10,9 @@ full-attention block. Which block that is, per family:
   mapped back to the raster order of the merged tokens.
 - Qwen2-VL and Qwen3-VL: the last block (`depth - 1`); every block attends over
   the whole image, and patches arrive in merge-group order.
-Scores are averaged over each 2 x 2 merge group (4 consecutive patches).
+Scores are averaged over each 2 x 2 merge group (4 consecutive patches). They
+cost O(L^2) per image of L patches and are computed only for images whose
+selection reads them (`PruneSettings.reads_saliency`).
 
 Positions. A kept token keeps its true M-RoPE position: (t, h, w) of its merged
 grid cell offset by the image's start. vLLM fixes a request's positions when the
@@ -195,36 +197,52 @@ def to_merged_raster(window_ordered: torch.Tensor, reverse_indices: torch.Tensor
 
 
 def merged_tower_outputs(
-    received: torch.Tensor, merger_input: torch.Tensor, reverse_indices: torch.Tensor, unit: int, sizes: Sequence[int]
+    received: Sequence[torch.Tensor | None],
+    merger_input: torch.Tensor,
+    reverse_indices: torch.Tensor,
+    unit: int,
+    sizes: Sequence[int],
 ) -> list[TowerOutput]:
     """Per image, the pruning inputs of its merged tokens (raster order).
 
     Args:
-        received: [L] attention each patch receives (`received_attention`), window order.
+        received: per image, [unit * N] attention its patches receive (`received_attention`),
+            window order; None where no selection reads it (not computed).
         merger_input: [L, Dv] the patch merger's input, window order.
-        reverse_indices: window order -> raster order of the merge groups.
+        reverse_indices: [L / unit] window order -> raster order of the merge groups (the
+            window order permutes each image's groups among themselves).
         unit: patches per merge group (4). sizes: merged tokens per image.
 
     Returns:
         `hidden` [1, N + 1, unit * Dv]: a zero row (there is no CLS token) then
         each merge group's concatenated patches; `saliency` [1, N]: the received
-        attention averaged over the group; no keys.
+        attention averaged over the group, or None; no keys.
     """
-    saliency = to_merged_raster(received, reverse_indices, unit).mean(dim=1)
     pre_features = to_merged_raster(merger_input, reverse_indices, unit).flatten(1)
-    return [
-        TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
-        for pre, scores in zip(pre_features.split(list(sizes)), saliency.split(list(sizes)))
-    ]
+    outputs, first = [], 0
+    for size, image_received in zip(sizes, received, strict=True):
+        pre = pre_features[first : first + size]
+        saliency = None
+        if image_received is not None:
+            image_order = reverse_indices[first : first + size] - first
+            saliency = to_merged_raster(image_received, image_order, unit).mean(dim=1)[None]
+        hidden = torch.cat([torch.zeros_like(pre[:1]), pre])[None]
+        outputs.append(TowerOutput(hidden=hidden, saliency=saliency, keys=None))
+        first += size
+    return outputs
 
 
 def raster_tower_outputs(
-    received: torch.Tensor, merger_input: torch.Tensor, unit: int, sizes: Sequence[int]
+    received: Sequence[torch.Tensor | None],
+    merger_input: torch.Tensor,
+    unit: int,
+    sizes: Sequence[int],
 ) -> list[TowerOutput]:
     """`merged_tower_outputs` of a tower whose patches arrive in raster order of their
     merge groups (Qwen2-VL, Qwen3-VL); `merger_input` [L, ..., Dv]."""
-    raster = torch.arange(sum(sizes), device=received.device)
-    return merged_tower_outputs(received, merger_input.reshape(-1, merger_input.shape[-1]), raster, unit, sizes)
+    raster = torch.arange(sum(sizes), device=merger_input.device)
+    rows = merger_input.reshape(-1, merger_input.shape[-1])
+    return merged_tower_outputs(received, rows, raster, unit, sizes)
 
 
 def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
