@@ -34,19 +34,20 @@ class TowerOutput:
     hidden: torch.Tensor  # [B, N + 1, Dv] selected-layer hidden states, CLS first
     saliency: torch.Tensor | None  # [B, N] CLS attention of the saliency layer (head mean, float32); None: not computed
     keys: torch.Tensor | None  # [B, N + 1, Dk] head-mean keys of that layer (None: tower has none to offer)
+    features: torch.Tensor | None = None  # [B, N, D] the projected patches, if the tower already has them
 
     def rows(self, start: int, stop: int) -> TowerOutput:
         """Images start..stop-1."""
         return TowerOutput(*(None if t is None else t[start:stop] for t in self._fields()))
 
     def _fields(self) -> tuple[torch.Tensor | None, ...]:
-        return self.hidden, self.saliency, self.keys
+        return self.hidden, self.saliency, self.keys, self.features
 
     @staticmethod
     def cat(parts: Sequence[TowerOutput]) -> TowerOutput:
         """Concatenate over images (each optional field present in all parts or in none)."""
         columns = list(zip(*(part._fields() for part in parts)))
-        for name, column in zip(("saliency", "keys"), columns[1:]):
+        for name, column in zip(("saliency", "keys", "features"), columns[1:]):
             if len({t is None for t in column}) > 1:
                 raise ValueError(f"cannot concatenate tower outputs with and without {name}")
         return TowerOutput(*(None if column[0] is None else torch.cat(column) for column in columns))
@@ -83,12 +84,12 @@ def prune_towers_indexed(
     too (one `PrunedImage` per image, equal to a call on that image alone).
     """
     first_image = [0]  # index of each tower's first image
-    # Towers of one N concatenate, those without saliency apart from those with it (a tower
-    # computes saliency for the settings of its images: no settings group splits).
-    by_kind: dict[tuple[int, bool], list[int]] = {}  # (N, no saliency) -> towers
+    # Towers of one N concatenate, those without saliency or features apart from those with
+    # them (a tower computes saliency for the settings of its images: no settings group splits).
+    by_kind: dict[tuple[int, bool, bool], list[int]] = {}  # (N, no saliency, no features) -> towers
     for tower_index, tower in enumerate(towers):
         first_image.append(first_image[-1] + tower.hidden.shape[0])
-        kind = (tower.hidden.shape[1], tower.saliency is None)
+        kind = (tower.hidden.shape[1], tower.saliency is None, tower.features is None)
         by_kind.setdefault(kind, []).append(tower_index)
     if first_image[-1] != len(settings):
         raise ValueError(f"{len(settings)} settings for {first_image[-1]} images")
@@ -112,10 +113,11 @@ def prune_images_indexed(
 ) -> list[PrunedImage]:
     """Image embeddings for the LLM, with the patch index of every row.
 
-    `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
-    Unpruned images get all N projected patch tokens. `on_selection(method, seconds)`
-    is told the host wall time of each batched selection. A method that reads saliency
-    meeting a tower without it raises AssertionError (the tower was given the wrong settings).
+    `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D]; the
+    patches are projected here unless the tower gives `features`. Unpruned images get
+    all N projected patch tokens. `on_selection(method, seconds)` is told the host wall
+    time of each batched selection. A method that reads saliency meeting a tower
+    without it raises AssertionError (the tower was given the wrong settings).
 
     Without `on_failure`, an exception in a selection propagates (library and
     reference use). With it (the engine), a group of images whose selection
@@ -125,7 +127,7 @@ def prune_images_indexed(
     number of images and the error.
     """
     patches = tower.hidden[:, 1:]
-    projected = project(patches)  # [B, N, D]
+    projected = project(patches) if tower.features is None else tower.features  # [B, N, D]
     num_tokens = patches.shape[1]
     rows: list[PrunedImage | None] = [None] * len(settings)
     groups: dict[str, list[int]] = {}

@@ -98,7 +98,7 @@ def test_cls_row_of_an_image_does_not_depend_on_its_batch() -> None:
 
 
 def _without_saliency(tower: TowerOutput) -> TowerOutput:
-    return TowerOutput(tower.hidden, None, tower.keys)
+    return TowerOutput(tower.hidden, None, tower.keys, tower.features)
 
 
 # The brief's static rule: which methods' selections read the tower's saliency.
@@ -134,3 +134,20 @@ def test_towers_with_and_without_saliency_select_apart_with_the_per_image_result
     assert all(_same(a, b) for a, b in zip(together, alone))
     with pytest.raises(ValueError, match="with and without saliency"):
         TowerOutput.cat(towers)
+
+
+@pytest.mark.parametrize("method", ["promprune", "uniform", "vispruner"])
+def test_features_given_by_the_tower_are_the_rows_kept(method: str) -> None:
+    tower = TowerOutput.cat([_qwen_like(_tower(81, seed, torch.float32)) for seed in (5, 6)])
+    project = _projector(torch.float32)
+    settings = [PruneSettings(keep=10, method=method), PruneSettings()]
+    with torch.inference_mode():
+        projected = project(tower.hidden[:, 1:])
+        given = TowerOutput(tower.hidden, tower.saliency, None, projected.clone())
+        assert all(_same(a, b) for a, b in zip(prune_images_indexed(given, settings, project),
+                                                prune_images_indexed(tower, settings, project)))
+        # Rows come from the given features, not from projecting again.
+        shifted = TowerOutput(tower.hidden, tower.saliency, None, projected + 1.0)
+        pruned, unpruned = prune_images_indexed(shifted, settings, project)
+    assert torch.equal(pruned.rows, projected[0, pruned.kept] + 1.0)
+    assert torch.equal(unpruned.rows, projected[1] + 1.0)

@@ -142,7 +142,7 @@ def test_to_merged_raster_undoes_the_window_permutation() -> None:
     assert torch.equal(groups, raster_patches)
 
 
-def test_merged_outputs_skip_saliency_per_image() -> None:
+def test_merged_outputs_skip_saliency_per_image_and_keep_the_given_features() -> None:
     # Three images of 3, 2 and 4 merge groups (unit 4); the window order permutes each
     # image's groups among themselves, as Qwen2.5-VL's does.
     sizes, unit = [3, 2, 4], 4
@@ -151,14 +151,17 @@ def test_merged_outputs_skip_saliency_per_image() -> None:
     generator = torch.Generator().manual_seed(0)
     received = torch.rand(sum(sizes) * unit, generator=generator)
     merger_input = torch.randn(sum(sizes) * unit, 5, generator=generator)
+    merged = torch.randn(sum(sizes), 7, generator=generator)
     per_image = list(received.split([size * unit for size in sizes]))
     every = merged_tower_outputs(per_image, merger_input, reverse, unit, sizes)
-    some = merged_tower_outputs([None, per_image[1], per_image[2]], merger_input, reverse, unit, sizes)
+    some = merged_tower_outputs([None, per_image[1], per_image[2]], merger_input, reverse, unit, sizes, merged)
 
     raster_scores = to_merged_raster(received, reverse, unit).mean(dim=1).split(sizes)
     for image, (full, partial) in enumerate(zip(every, some)):
         assert torch.equal(full.saliency[0], raster_scores[image])
         assert torch.equal(full.hidden, partial.hidden) and full.keys is None and partial.keys is None
+        assert full.features is None
+        assert torch.equal(partial.features[0], merged.split(sizes)[image])
         assert partial.saliency is None if image == 0 else torch.equal(partial.saliency, full.saliency)
 
 

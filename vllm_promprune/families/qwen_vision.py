@@ -202,6 +202,7 @@ def merged_tower_outputs(
     reverse_indices: torch.Tensor,
     unit: int,
     sizes: Sequence[int],
+    merged: torch.Tensor | None = None,
 ) -> list[TowerOutput]:
     """Per image, the pruning inputs of its merged tokens (raster order).
 
@@ -212,11 +213,14 @@ def merged_tower_outputs(
         reverse_indices: [L / unit] window order -> raster order of the merge groups (the
             window order permutes each image's groups among themselves).
         unit: patches per merge group (4). sizes: merged tokens per image.
+        merged: [sum N, D] the merger's output for `merger_input`, raster order (the stock
+            embeddings), or None (projected when pruning).
 
     Returns:
         `hidden` [1, N + 1, unit * Dv]: a zero row (there is no CLS token) then
         each merge group's concatenated patches; `saliency` [1, N]: the received
-        attention averaged over the group, or None; no keys.
+        attention averaged over the group, or None; no keys; `features` [1, N, D]
+        from `merged`, or None.
     """
     pre_features = to_merged_raster(merger_input, reverse_indices, unit).flatten(1)
     outputs, first = [], 0
@@ -226,8 +230,9 @@ def merged_tower_outputs(
         if image_received is not None:
             image_order = reverse_indices[first : first + size] - first
             saliency = to_merged_raster(image_received, image_order, unit).mean(dim=1)[None]
+        features = None if merged is None else merged[first : first + size][None]
         hidden = torch.cat([torch.zeros_like(pre[:1]), pre])[None]
-        outputs.append(TowerOutput(hidden=hidden, saliency=saliency, keys=None))
+        outputs.append(TowerOutput(hidden=hidden, saliency=saliency, keys=None, features=features))
         first += size
     return outputs
 
@@ -237,12 +242,13 @@ def raster_tower_outputs(
     merger_input: torch.Tensor,
     unit: int,
     sizes: Sequence[int],
+    merged: torch.Tensor | None = None,
 ) -> list[TowerOutput]:
     """`merged_tower_outputs` of a tower whose patches arrive in raster order of their
     merge groups (Qwen2-VL, Qwen3-VL); `merger_input` [L, ..., Dv]."""
     raster = torch.arange(sum(sizes), device=merger_input.device)
     rows = merger_input.reshape(-1, merger_input.shape[-1])
-    return merged_tower_outputs(received, rows, raster, unit, sizes)
+    return merged_tower_outputs(received, rows, raster, unit, sizes, merged)
 
 
 def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

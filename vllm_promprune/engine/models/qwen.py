@@ -20,7 +20,8 @@ In vLLM terms:
 
 A family module mixes `PrunedQwenMixin` first into vLLM's model class and
 supplies `tower_outputs` (its tower's forward, replicated to read the saliency
-block's input and the merger's input). An image's saliency is computed only when
+block's input and the merger's input). A pruned image's rows are its kept rows of
+the stock embeddings (the merger runs once); its saliency is computed only when
 its selection reads it (`PruneSettings.reads_saliency`).
 """
 
@@ -130,8 +131,9 @@ class PrunedQwenMixin:
     def tower_outputs(
         self, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
     ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-        """Per image: pruning inputs (`merged_tower_outputs`: saliency only where `saliency`
-        says its selection reads it) and the stock merged embeddings [N, D]."""
+        """Per image: pruning inputs (`merged_tower_outputs`: features from the stock
+        embeddings, saliency only where `saliency` says its selection reads it) and the
+        stock merged embeddings [N, D]."""
         raise NotImplementedError
 
     def kept_rows(self, projected: torch.Tensor, kept: torch.Tensor, stock_rows: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,8 @@ def qwen_tower_outputs(
     TowerOutput rows are merged tokens: `hidden` [1, N + 1, 4 * Dv] is the
     merger's input (row 0 is a zero placeholder: there is no CLS), `saliency`
     [1, N] is the attention received at the last full-attention block, pooled
-    per merge group (None for images whose `saliency` entry is False). The embeddings are exactly the stock tower's output.
+    per merge group (None for images whose `saliency` entry is False), `features`
+    are the stock embeddings. The embeddings are exactly the stock tower's output.
     """
     metadata = visual.prepare_encoder_metadata(grid_thw)
     embeddings, block_input, merger_input = _visual_forward(visual, pixel_values, metadata)
@@ -54,7 +55,7 @@ def qwen_tower_outputs(
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
     patches = merger_input.reshape(-1, merger_input.shape[-1])
-    towers = merged_tower_outputs(received, patches, metadata["reverse_indices"], unit, sizes)
+    towers = merged_tower_outputs(received, patches, metadata["reverse_indices"], unit, sizes, embeddings)
     return towers, list(embeddings.split(sizes))
 
 

@@ -34,7 +34,8 @@ def qwen_tower_outputs(
     visual: Qwen2VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
 ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
     """Per image: pruning inputs (`merged_tower_outputs`, saliency from the last
-    block where `saliency` asks for it) and the stock merged embeddings [N, D].
+    block where `saliency` asks for it, features from the stock embeddings) and the
+    stock merged embeddings [N, D].
 
     `Qwen2VisionTransformer.forward` of vLLM 0.32, step for step, keeping the
     last block's input (for its q and k) and the merger's input.
@@ -67,7 +68,7 @@ def qwen_tower_outputs(
     received = received_saliency(attention, query_key, grid_thw, saliency)
     unit = visual.spatial_merge_size**2
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes, embeddings), list(embeddings.split(sizes))
 
 
 @MULTIMODAL_REGISTRY.register_processor(

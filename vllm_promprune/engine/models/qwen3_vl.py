@@ -50,7 +50,7 @@ def qwen_tower_outputs(
     visual: Qwen3_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
 ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
     """Per image: pruning inputs (`merged_tower_outputs`, saliency from the last block where
-    `saliency` asks for it) and the stock rows
+    `saliency` asks for it, features from the main embedding) and the stock rows
     [N, D * (1 + deepstack levels)] (main embedding, then each level).
 
     `Qwen3_VisionTransformer.forward` of vLLM 0.32, step for step (its blocks are
@@ -73,14 +73,15 @@ def qwen_tower_outputs(
         )
         if index in visual.deepstack_visual_indexes:
             levels.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)](hidden))
-    embeddings = torch.cat([visual.merger(hidden), *levels], dim=1)
+    merged = visual.merger(hidden)
+    embeddings = torch.cat([merged, *levels], dim=1)
 
     block = visual.blocks[-1]
     received = received_saliency(block.attn, lambda: rotated_query_key(block, block_input, metadata), grid_thw, saliency)
 
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes, merged), list(embeddings.split(sizes))
 
 
 class PrunedQwen3VLMixin(PrunedQwenMixin):
