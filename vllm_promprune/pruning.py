@@ -32,19 +32,25 @@ class TowerOutput:
     """Vision-tower outputs for B images of N patch tokens."""
 
     hidden: torch.Tensor  # [B, N + 1, Dv] selected-layer hidden states, CLS first
-    saliency: torch.Tensor  # [B, N] CLS attention of the saliency layer (head mean, float32)
+    saliency: torch.Tensor | None  # [B, N] CLS attention of the saliency layer (head mean, float32); None: not computed
     keys: torch.Tensor | None  # [B, N + 1, Dk] head-mean keys of that layer (None: tower has none to offer)
+    features: torch.Tensor | None = None  # [B, N, D] the projected patches, if the tower already has them
 
     def rows(self, start: int, stop: int) -> TowerOutput:
         """Images start..stop-1."""
-        keys = None if self.keys is None else self.keys[start:stop]
-        return TowerOutput(self.hidden[start:stop], self.saliency[start:stop], keys)
+        return TowerOutput(*(None if t is None else t[start:stop] for t in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.hidden, self.saliency, self.keys, self.features
 
     @staticmethod
     def cat(parts: Sequence[TowerOutput]) -> TowerOutput:
-        """Concatenate over images."""
-        keys = None if parts[0].keys is None else torch.cat([part.keys for part in parts])
-        return TowerOutput(torch.cat([p.hidden for p in parts]), torch.cat([p.saliency for p in parts]), keys)
+        """Concatenate over images (each optional field present in all parts or in none)."""
+        columns = list(zip(*(part._fields() for part in parts)))
+        for name, column in zip(("saliency", "keys", "features"), columns[1:]):
+            if len({t is None for t in column}) > 1:
+                raise ValueError(f"cannot concatenate tower outputs with and without {name}")
+        return TowerOutput(*(None if column[0] is None else torch.cat(column) for column in columns))
 
 
 class PrunedImage(NamedTuple):
@@ -78,15 +84,18 @@ def prune_towers_indexed(
     too (one `PrunedImage` per image, equal to a call on that image alone).
     """
     first_image = [0]  # index of each tower's first image
-    by_size: dict[int, list[int]] = {}  # N -> towers
+    # Towers of one N concatenate, those without saliency or features apart from those with
+    # them (a tower computes saliency for the settings of its images: no settings group splits).
+    by_kind: dict[tuple[int, bool, bool], list[int]] = {}  # (N, no saliency, no features) -> towers
     for tower_index, tower in enumerate(towers):
         first_image.append(first_image[-1] + tower.hidden.shape[0])
-        by_size.setdefault(tower.hidden.shape[1], []).append(tower_index)
+        kind = (tower.hidden.shape[1], tower.saliency is None, tower.features is None)
+        by_kind.setdefault(kind, []).append(tower_index)
     if first_image[-1] != len(settings):
         raise ValueError(f"{len(settings)} settings for {first_image[-1]} images")
 
     results: list[PrunedImage | None] = [None] * len(settings)
-    for members in by_size.values():
+    for members in by_kind.values():
         images = [image for t in members for image in range(first_image[t], first_image[t + 1])]
         merged = TowerOutput.cat([towers[t] for t in members])
         pruned = prune_images_indexed(merged, [settings[image] for image in images], project, on_selection, on_failure)
@@ -104,9 +113,11 @@ def prune_images_indexed(
 ) -> list[PrunedImage]:
     """Image embeddings for the LLM, with the patch index of every row.
 
-    `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D].
-    Unpruned images get all N projected patch tokens. `on_selection(method,
-    seconds)` is told the host wall time of each batched selection.
+    `project` maps pre-projector tokens [..., Dv] to LLM embeddings [..., D]; the
+    patches are projected here unless the tower gives `features`. Unpruned images get
+    all N projected patch tokens. `on_selection(method, seconds)` is told the host wall
+    time of each batched selection. A method that reads saliency meeting a tower
+    without it raises AssertionError (the tower was given the wrong settings).
 
     Without `on_failure`, an exception in a selection propagates (library and
     reference use). With it (the engine), a group of images whose selection
@@ -116,7 +127,7 @@ def prune_images_indexed(
     number of images and the error.
     """
     patches = tower.hidden[:, 1:]
-    projected = project(patches)  # [B, N, D]
+    projected = project(patches) if tower.features is None else tower.features  # [B, N, D]
     num_tokens = patches.shape[1]
     rows: list[PrunedImage | None] = [None] * len(settings)
     groups: dict[str, list[int]] = {}
@@ -130,10 +141,12 @@ def prune_images_indexed(
         started = time.perf_counter()
         group_settings = settings[members[0]]
         spec = METHODS[group_settings.method]
+        if "saliency" in spec.needs and tower.saliency is None:
+            raise AssertionError(f"method {group_settings.method!r} reads saliency, which the tower did not compute")
         index = torch.tensor(members, device=patches.device)
         batch = TokenBatch(
             features=projected[index],
-            saliency=tower.saliency[index],
+            saliency=None if tower.saliency is None else tower.saliency[index],
             pre_features=patches[index],
             cls_pre_feature=tower.hidden[index, 0],
             keys=None if tower.keys is None else tower.keys[index],

@@ -236,7 +236,8 @@ class PrunedQwen2VLReference:
         received = received_attention(query, key, kwargs["cu_seqlens"].tolist(), attention.scaling)
         unit = visual.spatial_merge_size**2
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        towers = merged_tower_outputs(received, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
+        per_image = received.split([size * unit for size in sizes])
+        towers = merged_tower_outputs(per_image, captured["merger"], self.raster_order(visual, grid_thw), unit, sizes)
         return towers, output
 
     def prefill_inputs(self, tower_output: object, kept: torch.Tensor, is_image: torch.Tensor) -> dict:
@@ -290,8 +291,8 @@ class PrunedQwen2VLReference:
             columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
             rows.append(pruned.rows)
             kept.append(first_token + pruned.kept)
-            cursor = start + tower.saliency.shape[1]
-            first_token += tower.saliency.shape[1]
+            cursor = start + tower.hidden.shape[1] - 1
+            first_token += tower.hidden.shape[1] - 1
         columns.append(torch.arange(cursor, len(ids)))
         kept_columns = torch.cat(columns)
         pruned_ids, pruned_positions = ids[kept_columns], positions[:, kept_columns]

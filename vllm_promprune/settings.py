@@ -107,6 +107,13 @@ class PruneSettings(BaseModel):
     def prunes(self, num_tokens: int) -> bool:
         return self.kept_tokens(num_tokens) < num_tokens
 
+    def reads_saliency(self, num_tokens: int) -> bool:
+        """Whether selecting among an image's `num_tokens` tokens reads the tower's saliency:
+        it prunes, with a method that needs saliency (`MethodSpec.needs`, whatever the
+        options). Known before the tower runs; PromPrune always reads it (its split between
+        saliency and coverage is decided from the projected tokens)."""
+        return self.prunes(num_tokens) and "saliency" in METHODS[self.method].needs
+
     def options_model(self) -> BaseModel:
         """The method's validated options object."""
         return METHODS[self.method].options(**self.options)

@@ -202,8 +202,9 @@ def start_recording_towers(model) -> None:
 
 
 def take_recorded_towers(model) -> bytes:
-    """The recorded tower outputs as `torch.save` bytes of [(hidden, saliency, keys, projected)],
-    projected by the model's own projector; stops recording."""
+    """The recorded tower outputs as `torch.save` bytes of [(hidden, saliency, keys, projected,
+    features)]: `projected` by the model's own projector, each image alone; `features` as the
+    tower gave them (Qwen: its stock merger output) or None; stops recording."""
     import io
 
     import torch
@@ -218,9 +219,25 @@ def take_recorded_towers(model) -> bytes:
     else:
         project = model.multi_modal_projector
     with torch.inference_mode():
-        rows = [(t.hidden, t.saliency, t.keys, project(t.hidden[:, 1:])) for t in recorded]
+        rows = [(t.hidden, t.saliency, t.keys, project(t.hidden[:, 1:]), t.features) for t in recorded]
     buffer = io.BytesIO()
     torch.save(rows, buffer)
+    return buffer.getvalue()
+
+
+def project_in_engine(groups: bytes, model) -> bytes:
+    """`torch.save` bytes of `groups` (themselves `torch.save` bytes of a Qwen merger
+    input [..., 4 * Dv]) projected by the engine's own merger, as one call."""
+    import io
+
+    import torch
+
+    from vllm_promprune.families.qwen_vision import merger_projection
+
+    with torch.inference_mode():
+        projected = merger_projection(model.visual.merger)(torch.load(io.BytesIO(groups)))
+    buffer = io.BytesIO()
+    torch.save(projected, buffer)
     return buffer.getvalue()
 
 
@@ -241,7 +258,7 @@ def tower_runs(llm, requests: list[dict]) -> int:
 
 
 def engine_tower_outputs(llm, requests: list[dict]) -> list[tuple]:
-    """(hidden, saliency, keys, projected) the engine computes for each request's one image.
+    """(hidden, saliency, keys, projected, features) the engine computes for each request's one image.
 
     Each request runs alone and must prune its image with settings not seen before
     (a cached image would not run the tower).
@@ -262,7 +279,8 @@ def engine_tower_outputs(llm, requests: list[dict]) -> list[tuple]:
 
 
 def max_differences(engine: list[tuple], reference: list[tuple]) -> dict[str, float]:
-    """Max abs difference per field (hidden, saliency, keys, projected) over all images."""
+    """Max abs difference per field (hidden, saliency, keys, projected) over all images (an
+    engine tuple's `features` is not compared)."""
     fields = ("hidden", "saliency", "keys", "projected")
     worst = dict.fromkeys(fields, 0.0)
     for ours, theirs in zip(engine, reference, strict=True):

@@ -17,6 +17,8 @@ others use seeded scenes.
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,13 +40,16 @@ from .conftest import (
     max_differences,
     offline_engine,
     profiled_selections,
+    project_in_engine,
     run,
     same_selections,
     selections,
     start_recording_buffers,
     start_recording_positions,
+    start_recording_towers,
     take_recorded_buffers,
     take_recorded_positions,
+    take_recorded_towers,
 )
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -404,6 +409,35 @@ def test_reference_cases_have_margins(pruned_llm, reference, family: str, family
             for _ in range(3):
                 noisy = selections(prune, jittered(towers[image], noise, generator))
                 assert same_selections(noisy, clean), (image, raw)
+
+
+def test_saliency_only_where_read_and_rows_from_the_stock_merger(pruned_llm, cases) -> None:
+    """A pruned image's received attention is computed only if its method reads it, and
+    its rows are its kept rows of the stock merger output, the merger's one run over the
+    micro-batch: bit-identical (float32, this CPU) to projecting the image's merger inputs
+    alone, as the pruning path did before."""
+    requests = [
+        cases.request([cases.scene("square", 60)], {"keep": 19, "method": "uniform"}),
+        cases.request([cases.scene("tall", 61), cases.scene("wide", 62)], {"keep": [23, 29]}, TWO_IMAGES),
+    ]
+    recorded = []
+    for request in requests:
+        pruned_llm.apply_model(start_recording_towers)
+        run(pruned_llm, [request], max_tokens=1)
+        (blob,) = pruned_llm.apply_model(take_recorded_towers)
+        recorded.append(torch.load(io.BytesIO(blob)))
+    (uniform,), promprune = recorded
+    assert uniform[1] is None
+    assert len(promprune) == 2 and all(tower[1] is not None for tower in promprune)
+    for hidden, _, _, projected, features in [uniform, *promprune]:
+        assert features.shape == projected.shape == (1, hidden.shape[1] - 1, projected.shape[2])
+        assert torch.equal(features, projected)
+    # The two images have one N (192), so the pruning path projected them as one [2, N]
+    # batch: the merger's one run over the micro-batch (both images at once) equals that too.
+    both = io.BytesIO()
+    torch.save(torch.cat([hidden[:, 1:] for hidden, *_ in promprune]), both)
+    (jointly,) = pruned_llm.apply_model(functools.partial(project_in_engine, both.getvalue()))
+    assert torch.equal(torch.load(io.BytesIO(jointly)), torch.cat([features for *_, features in promprune]))
 
 
 def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm, cases) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_promprune.methods import METHODS
 from vllm_promprune.pruning import PrunedImage, TowerOutput, prune_images_indexed, prune_towers_indexed
 from vllm_promprune.settings import PruneSettings
 
@@ -94,3 +95,59 @@ def test_cls_row_of_an_image_does_not_depend_on_its_batch() -> None:
         together = prune_images_indexed(TowerOutput.cat(towers), settings, project)
         alone = [prune_images_indexed(t, settings[:1], project)[0] for t in towers]
     assert all(_same(a, b) for a, b in zip(together, alone))
+
+
+def _without_saliency(tower: TowerOutput) -> TowerOutput:
+    return TowerOutput(tower.hidden, None, tower.keys, tower.features)
+
+
+# The brief's static rule: which methods' selections read the tower's saliency.
+READS_SALIENCY = {"promprune", "prunesid", "vispruner", "visionzip", "saliency"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_tower_without_saliency_serves_exactly_the_methods_that_never_read_it(method: str) -> None:
+    towers = [_tower(64, seed, torch.float32) for seed in (1, 2)]
+    order = "spatial" if METHODS[method].merges else "selection"
+    settings = [PruneSettings(keep=9, method=method), PruneSettings(ratio=0.5, method=method, order=order)]
+    project = _projector(torch.float32)
+    assert {s.reads_saliency(64) for s in settings} == {method in READS_SALIENCY}
+    assert not PruneSettings(keep=64, method=method).reads_saliency(64)  # keeps every token: selects nothing
+    with torch.inference_mode():
+        with_saliency = prune_towers_indexed(towers, settings, project)
+        if method in READS_SALIENCY:
+            with pytest.raises(AssertionError, match="reads saliency"):
+                prune_towers_indexed([_without_saliency(t) for t in towers], settings, project)
+            return
+        without = prune_towers_indexed([_without_saliency(t) for t in towers], settings, project)
+    assert all(_same(a, b) for a, b in zip(with_saliency, without))
+
+
+def test_towers_with_and_without_saliency_select_apart_with_the_per_image_result() -> None:
+    # Two images of one N: the one whose method reads saliency has it, the other not.
+    towers = [_tower(49, 3, torch.float32), _without_saliency(_tower(49, 4, torch.float32))]
+    settings = [PruneSettings(keep=7), PruneSettings(keep=7, method="fps")]
+    project = _projector(torch.float32)
+    with torch.inference_mode():
+        together = prune_towers_indexed(towers, settings, project)
+        alone = [prune_images_indexed(t, [s], project)[0] for t, s in zip(towers, settings)]
+    assert all(_same(a, b) for a, b in zip(together, alone))
+    with pytest.raises(ValueError, match="with and without saliency"):
+        TowerOutput.cat(towers)
+
+
+@pytest.mark.parametrize("method", ["promprune", "uniform", "vispruner"])
+def test_features_given_by_the_tower_are_the_rows_kept(method: str) -> None:
+    tower = TowerOutput.cat([_qwen_like(_tower(81, seed, torch.float32)) for seed in (5, 6)])
+    project = _projector(torch.float32)
+    settings = [PruneSettings(keep=10, method=method), PruneSettings()]
+    with torch.inference_mode():
+        projected = project(tower.hidden[:, 1:])
+        given = TowerOutput(tower.hidden, tower.saliency, None, projected.clone())
+        assert all(_same(a, b) for a, b in zip(prune_images_indexed(given, settings, project),
+                                                prune_images_indexed(tower, settings, project)))
+        # Rows come from the given features, not from projecting again.
+        shifted = TowerOutput(tower.hidden, tower.saliency, None, projected + 1.0)
+        pruned, unpruned = prune_images_indexed(shifted, settings, project)
+    assert torch.equal(pruned.rows, projected[0, pruned.kept] + 1.0)
+    assert torch.equal(unpruned.rows, projected[1] + 1.0)

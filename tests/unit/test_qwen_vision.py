@@ -7,10 +7,13 @@ import torch
 
 from vllm_promprune.families.qwen_vision import (
     Media,
+    chunked_column_sums,
     decode_offsets,
     encode_offsets,
     frame_bounds,
+    fused_column_sums,
     grid_offsets,
+    merged_tower_outputs,
     mrope_positions,
     received_attention,
     to_merged_raster,
@@ -54,15 +57,81 @@ def test_grid_offsets_are_raster_row_and_column() -> None:
     assert grid_offsets(torch.tensor([0, 5, 23, 24]), grid_width=8).tolist() == [[0, 0, 0], [0, 0, 5], [0, 2, 7], [0, 3, 0]]
 
 
-def test_received_attention_equals_full_softmax_average() -> None:
-    generator = torch.Generator().manual_seed(0)
-    query, key = torch.randn(2, 30, 3, 8, generator=generator)
-    bounds = [0, 12, 30]
-    got = received_attention(query, key, bounds, 0.35, chunk_elements=50)  # forces several query chunks
+def _direct_received(query: torch.Tensor, key: torch.Tensor, bounds: list[int], scale: float) -> torch.Tensor:
+    """The definition in float64: every query's full softmax over its sequence's keys,
+    averaged over queries and heads."""
+    parts = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        probs = (torch.einsum("qhd,khd->hqk", query[start:stop], key[start:stop]) * 0.35).softmax(-1)
-        assert torch.allclose(got[start:stop], probs.mean(dim=(0, 1)), atol=1e-7)
-        assert torch.isclose(got[start:stop].sum(), torch.tensor(1.0))
+        q, k = query[start:stop].double(), key[start:stop].double()
+        parts.append((torch.einsum("qhd,khd->hqk", q, k) * scale).softmax(-1).mean(dim=(0, 1)))
+    return torch.cat(parts)
+
+
+def _softmax_chunks_received(
+    query: torch.Tensor, key: torch.Tensor, bounds: list[int], scale: float, chunk_elements: int = 2**26
+) -> torch.Tensor:
+    """The implementation this project used before the fused one (the oracle for "within
+    float rounding of before"): float32 softmax over chunks of whole query rows."""
+    received = torch.empty(query.shape[0], dtype=torch.float32)
+    heads = query.shape[1]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        q, k = query[start:stop].float(), key[start:stop].float()
+        length = stop - start
+        rows = max(1, chunk_elements // (length * heads))
+        total = torch.zeros(length, dtype=torch.float32)
+        for row in range(0, length, rows):
+            logits = torch.einsum("qhd,khd->hqk", q[row : row + rows], k) * scale
+            total += logits.softmax(dim=-1).sum(dim=(0, 1))
+        received[start:stop] = total / (heads * length)
+    return received
+
+
+# Packed sequences of unequal lengths, one of a single patch; 1 to 5 heads; head widths
+# below, at and above the fused kernel's tile-free sizes; a large scale makes peaked rows.
+RECEIVED_CASES = [
+    ([0, 12, 30], 3, 8, 0.35),
+    ([0, 1, 97, 353], 5, 16, 16**-0.5),
+    ([0, 64], 1, 80, 3.0),
+    ([0, 200, 201, 700], 4, 24, 24**-0.5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bounds", "heads", "width", "scale"), RECEIVED_CASES)
+def test_received_attention_equals_the_softmax_definition(
+    bounds: list[int], heads: int, width: int, scale: float, dtype: torch.dtype
+) -> None:
+    generator = torch.Generator().manual_seed(heads * width)
+    query, key = (2 * torch.randn(2, bounds[-1], heads, width, generator=generator)).to(dtype)
+    got = received_attention(query, key, bounds, scale)
+    assert got.dtype == torch.float32
+    exact = _direct_received(query, key, bounds, scale)
+    before = _softmax_chunks_received(query, key, bounds, scale)
+
+    def relative_error(values: torch.Tensor) -> float:
+        return float(((values.double() - exact).abs() / (exact + 1e-12)).max())
+
+    # Float32 rounding grows with the logits (|s| up to ~380 in the peaked case, where both
+    # implementations err by ~1e-4): as accurate as the previous implementation, within 2x.
+    assert relative_error(got) <= 2 * relative_error(before) + 1e-6, (relative_error(got), relative_error(before))
+    for start, stop in zip(bounds[:-1], bounds[1:]):  # each sequence's scores are a distribution
+        assert torch.isclose(got[start:stop].sum().double(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize(("bounds", "heads", "width", "scale"), RECEIVED_CASES)
+def test_chunked_column_sums_equal_the_fused_ones(bounds: list[int], heads: int, width: int, scale: float) -> None:
+    # The path off CPU, run here on CPU with one row, three rows and every row per chunk;
+    # the sequence is all of `bounds` (column sums need not come from packed sequences).
+    generator = torch.Generator().manual_seed(7)
+    query, key = 2 * torch.randn(2, heads, bounds[-1], width, generator=generator)
+    logits = torch.einsum("hqd,hkd->hqk", query.double(), key.double()) * scale
+    exact = logits.softmax(-1).sum(dim=(0, 1))
+    # Each probability is exp of a float32 logit difference: relative error ~ eps * |logit|.
+    rtol = 4 * torch.finfo(torch.float32).eps * float(logits.abs().max())
+    assert torch.allclose(fused_column_sums(query, key, scale).double(), exact, rtol=rtol, atol=1e-9)
+    for chunk_elements in (1, 3 * heads * bounds[-1], 2**26):
+        chunked = chunked_column_sums(query, key, scale, chunk_elements)
+        assert torch.allclose(chunked.double(), exact, rtol=rtol, atol=1e-9), chunk_elements
 
 
 def test_to_merged_raster_undoes_the_window_permutation() -> None:
@@ -71,6 +140,29 @@ def test_to_merged_raster_undoes_the_window_permutation() -> None:
     window_ordered = raster_patches[window_index].flatten()
     groups = to_merged_raster(window_ordered, torch.argsort(window_index), unit=4)
     assert torch.equal(groups, raster_patches)
+
+
+def test_merged_outputs_skip_saliency_per_image_and_keep_the_given_features() -> None:
+    # Three images of 3, 2 and 4 merge groups (unit 4); the window order permutes each
+    # image's groups among themselves, as Qwen2.5-VL's does.
+    sizes, unit = [3, 2, 4], 4
+    window_index = torch.tensor([2, 0, 1, 4, 3, 8, 6, 5, 7])
+    reverse = torch.argsort(window_index)
+    generator = torch.Generator().manual_seed(0)
+    received = torch.rand(sum(sizes) * unit, generator=generator)
+    merger_input = torch.randn(sum(sizes) * unit, 5, generator=generator)
+    merged = torch.randn(sum(sizes), 7, generator=generator)
+    per_image = list(received.split([size * unit for size in sizes]))
+    every = merged_tower_outputs(per_image, merger_input, reverse, unit, sizes)
+    some = merged_tower_outputs([None, per_image[1], per_image[2]], merger_input, reverse, unit, sizes, merged)
+
+    raster_scores = to_merged_raster(received, reverse, unit).mean(dim=1).split(sizes)
+    for image, (full, partial) in enumerate(zip(every, some)):
+        assert torch.equal(full.saliency[0], raster_scores[image])
+        assert torch.equal(full.hidden, partial.hidden) and full.keys is None and partial.keys is None
+        assert full.features is None
+        assert torch.equal(partial.features[0], merged.split(sizes)[image])
+        assert partial.saliency is None if image == 0 else torch.equal(partial.saliency, full.saliency)
 
 
 def test_frame_bounds_are_one_full_attention_sequence_per_frame() -> None:

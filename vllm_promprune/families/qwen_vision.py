@@ -10,7 +10,9 @@ full-attention block. Which block that is, per family:
   mapped back to the raster order of the merged tokens.
 - Qwen2-VL and Qwen3-VL: the last block (`depth - 1`); every block attends over
   the whole image, and patches arrive in merge-group order.
-Scores are averaged over each 2 x 2 merge group (4 consecutive patches).
+Scores are averaged over each 2 x 2 merge group (4 consecutive patches). They
+cost O(L^2) per image of L patches and are computed only for images whose
+selection reads them (`PruneSettings.reads_saliency`).
 
 Positions. A kept token keeps its true M-RoPE position: (t, h, w) of its merged
 grid cell offset by the image's start. vLLM fixes a request's positions when the
@@ -126,7 +128,8 @@ def received_attention(
             sequences packed along L.
         cu_seqlens: sequence boundaries [0, ..., L] (`frame_bounds`: one sequence per image).
         scale: softmax scale (d ** -0.5).
-        chunk_elements: bound on the attention-probability block held at once.
+        chunk_elements: off CPU, bound on the attention-probability block held at once
+            (`chunked_column_sums`; on CPU `fused_column_sums` holds one kernel tile).
 
     Returns:
         [L] float32.
@@ -134,15 +137,57 @@ def received_attention(
     received = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
     heads = query.shape[1]
     for start, stop in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        q, k = query[start:stop].float(), key[start:stop].float()
-        length = stop - start
-        rows = max(1, chunk_elements // (length * heads))
-        total = torch.zeros(length, dtype=torch.float32, device=query.device)
-        for row in range(0, length, rows):
-            logits = torch.einsum("qhd,khd->hqk", q[row : row + rows], k) * scale
-            total += logits.softmax(dim=-1).sum(dim=(0, 1))
-        received[start:stop] = total / (heads * length)
+        q, k = query[start:stop].float().transpose(0, 1), key[start:stop].float().transpose(0, 1)
+        if query.device.type == "cpu":
+            sums = fused_column_sums(q, k, scale)
+        else:
+            sums = chunked_column_sums(q, k, scale, chunk_elements)
+        received[start:stop] = sums / (heads * (stop - start))
     return received
+
+
+def fused_column_sums(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column sums of the softmax attention, summed over heads, by two passes of torch's fused
+    CPU attention kernel, which never holds more than a tile of probabilities.
+
+    Pass 1: lse_q = log sum_k exp(s_qk), s = scale q.k. Pass 2 runs the same kernel with
+    keys as queries and queries as keys, the logits extended by one dimension to
+    s_qk - lse_q, so its log-sum-exp per key is log sum_q softmax_q(k). Exact up to float
+    rounding. Only the kernel's log-sum-exp output is used; its zero values still cost a
+    product as large as the logits'.
+
+    Args:
+        query, key: [H, L, d] float32 (CPU).
+
+    Returns:
+        [L] float32: sum over heads and queries of each key's attention probability.
+    """
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    query, key = query[None], key[None]
+    _, query_lse = attention(query, key, torch.zeros_like(query), scale=scale)  # [1, H, L]
+    extended_key = torch.cat([key * scale, torch.ones_like(key[..., :1])], dim=-1)
+    extended_query = torch.cat([query, -query_lse[..., None]], dim=-1)
+    _, key_lse = attention(extended_key, extended_query, torch.zeros_like(extended_key), scale=1.0)
+    return key_lse[0].exp().sum(dim=0)
+
+
+def chunked_column_sums(query: torch.Tensor, key: torch.Tensor, scale: float, chunk_elements: int) -> torch.Tensor:
+    """`fused_column_sums` on any device: softmax over chunks of whole query rows (at most
+    `chunk_elements` probabilities at once), summed over heads and queries.
+
+    Args:
+        query, key: [H, L, d] float32.
+
+    Returns:
+        [L] float32.
+    """
+    heads, length, _ = query.shape
+    rows = max(1, chunk_elements // (length * heads))
+    total = torch.zeros(length, dtype=torch.float32, device=query.device)
+    for row in range(0, length, rows):
+        logits = torch.matmul(query[:, row : row + rows], key.transpose(1, 2)) * scale
+        total += logits.softmax(dim=-1).sum(dim=(0, 1))
+    return total
 
 
 def to_merged_raster(window_ordered: torch.Tensor, reverse_indices: torch.Tensor, unit: int) -> torch.Tensor:
@@ -152,36 +197,58 @@ def to_merged_raster(window_ordered: torch.Tensor, reverse_indices: torch.Tensor
 
 
 def merged_tower_outputs(
-    received: torch.Tensor, merger_input: torch.Tensor, reverse_indices: torch.Tensor, unit: int, sizes: Sequence[int]
+    received: Sequence[torch.Tensor | None],
+    merger_input: torch.Tensor,
+    reverse_indices: torch.Tensor,
+    unit: int,
+    sizes: Sequence[int],
+    merged: torch.Tensor | None = None,
 ) -> list[TowerOutput]:
     """Per image, the pruning inputs of its merged tokens (raster order).
 
     Args:
-        received: [L] attention each patch receives (`received_attention`), window order.
+        received: per image, [unit * N] attention its patches receive (`received_attention`),
+            window order; None where no selection reads it (not computed).
         merger_input: [L, Dv] the patch merger's input, window order.
-        reverse_indices: window order -> raster order of the merge groups.
+        reverse_indices: [L / unit] window order -> raster order of the merge groups (the
+            window order permutes each image's groups among themselves).
         unit: patches per merge group (4). sizes: merged tokens per image.
+        merged: [sum N, D] the merger's output for `merger_input`, raster order (the stock
+            embeddings), or None (projected when pruning).
 
     Returns:
         `hidden` [1, N + 1, unit * Dv]: a zero row (there is no CLS token) then
         each merge group's concatenated patches; `saliency` [1, N]: the received
-        attention averaged over the group; no keys.
+        attention averaged over the group, or None; no keys; `features` [1, N, D]
+        from `merged`, or None.
     """
-    saliency = to_merged_raster(received, reverse_indices, unit).mean(dim=1)
     pre_features = to_merged_raster(merger_input, reverse_indices, unit).flatten(1)
-    return [
-        TowerOutput(hidden=torch.cat([torch.zeros_like(pre[:1]), pre])[None], saliency=scores[None], keys=None)
-        for pre, scores in zip(pre_features.split(list(sizes)), saliency.split(list(sizes)))
-    ]
+    outputs, first = [], 0
+    for size, image_received in zip(sizes, received, strict=True):
+        pre = pre_features[first : first + size]
+        saliency = None
+        if image_received is not None:
+            image_order = reverse_indices[first : first + size] - first
+            saliency = to_merged_raster(image_received, image_order, unit).mean(dim=1)[None]
+        features = None if merged is None else merged[first : first + size][None]
+        hidden = torch.cat([torch.zeros_like(pre[:1]), pre])[None]
+        outputs.append(TowerOutput(hidden=hidden, saliency=saliency, keys=None, features=features))
+        first += size
+    return outputs
 
 
 def raster_tower_outputs(
-    received: torch.Tensor, merger_input: torch.Tensor, unit: int, sizes: Sequence[int]
+    received: Sequence[torch.Tensor | None],
+    merger_input: torch.Tensor,
+    unit: int,
+    sizes: Sequence[int],
+    merged: torch.Tensor | None = None,
 ) -> list[TowerOutput]:
     """`merged_tower_outputs` of a tower whose patches arrive in raster order of their
     merge groups (Qwen2-VL, Qwen3-VL); `merger_input` [L, ..., Dv]."""
-    raster = torch.arange(sum(sizes), device=received.device)
-    return merged_tower_outputs(received, merger_input.reshape(-1, merger_input.shape[-1]), raster, unit, sizes)
+    raster = torch.arange(sum(sizes), device=merger_input.device)
+    rows = merger_input.reshape(-1, merger_input.shape[-1])
+    return merged_tower_outputs(received, rows, raster, unit, sizes, merged)
 
 
 def merger_projection(merger: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -5,6 +5,11 @@ Every method runs through the same batched entry point the engine uses
 flat spectrum, so PromPrune's split gives every token to the DPP stage: its
 most expensive case. The tower reference is a CLIP-L/336 forward (24 layers,
 width 1024, random weights) per 576-token crop, scaled by N / 576.
+
+Qwen-VL towers have no CLS token: their saliency is the attention each patch
+receives (`received_attention`), quadratic in the image's patches and paid only
+by pruned images whose method reads saliency. `qwen_saliency_costs` times it
+next to a Qwen2.5-VL tower forward per image size.
 """
 
 from __future__ import annotations
@@ -222,6 +227,53 @@ def spectrum_ms(device: torch.device, repeats: int, tokens: int, width: int) -> 
         return 1000.0 * median_seconds(lambda: torch.linalg.eigvalsh(gram), repeats, device)
 
 
+QWEN_SIDES = (32, 64, 128)  # square grids of 1024, 4096 and 16384 patches (448, 896, 1792 px)
+
+
+class SaliencyCost(NamedTuple):
+    patches: int  # L: patches of the image (L / 4 merged tokens)
+    tower_ms: float
+    saliency_ms: float
+
+
+def qwen_saliency_costs(device: torch.device, repeats: int, sides: tuple[int, ...] = QWEN_SIDES) -> list[SaliencyCost]:
+    """Per image of side x side patches, ms: a Qwen2.5-VL tower forward (the tiny offline
+    checkpoint's geometry, `testing.checkpoints.QWEN_SIZES["tiny"]`: 4 blocks of width 64,
+    4 heads of 16; random weights, float32) and `received_attention` on random query and
+    key of its saliency block's shape [L, 4, 16], timed in alternation."""
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from ..families.qwen_vision import received_attention
+    from ..testing.checkpoints import QWEN_SIZES
+
+    geometry = QWEN_SIZES["tiny"]
+    config = Qwen2_5_VLVisionConfig(
+        depth=geometry.vision_depth, hidden_size=geometry.vision_hidden, intermediate_size=geometry.vision_intermediate,
+        num_heads=geometry.vision_heads, out_hidden_size=geometry.text_hidden,
+        fullatt_block_indexes=list(geometry.fullatt_block_indexes),
+    )
+    torch.manual_seed(0)
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).eval().to(device)
+    head_dim = geometry.vision_hidden // geometry.vision_heads
+    patch_values = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    g = torch.Generator().manual_seed(0)
+    costs = []
+    for side in sides:
+        patches = side * side
+        pixels = torch.randn(patches, patch_values, generator=g).to(device)
+        grid = torch.tensor([[1, side, side]], device=device)
+        query, key = torch.randn(2, patches, geometry.vision_heads, head_dim, generator=g).to(device)
+        with torch.inference_mode():
+            seconds = median_seconds_interleaved(
+                [functools.partial(tower, pixels, grid_thw=grid),
+                 functools.partial(received_attention, query, key, [0, patches], head_dim**-0.5)],
+                repeats, device,
+            )
+        costs.append(SaliencyCost(patches, *(1000.0 * value for value in seconds)))
+    return costs
+
+
 def markdown_table(timings: list[Timing]) -> str:
     columns = sorted({(t.tokens, t.width, t.keep, t.batch) for t in timings})
     header = "| method | " + " | ".join(f"N={n} D={d} K={k} B={b}" for n, d, k, b in columns) + " |"
@@ -271,3 +323,10 @@ def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool)
                 f"centred Gram) takes {floor_ms:.0f} ms = "
                 f"{100.0 * floor_ms / worst.tower_ms_per_image:.2f} % of the tower"
             )
+        if not quick:
+            for cost in qwen_saliency_costs(device, repeats):
+                print(
+                    f"Qwen2.5-VL (tiny tower) at L={cost.patches:5d} patches: tower {cost.tower_ms:.0f} ms, "
+                    f"received-attention saliency {cost.saliency_ms:.0f} ms "
+                    f"({100.0 * cost.saliency_ms / cost.tower_ms:.0f} % of the tower; only methods reading saliency)"
+                )

@@ -20,13 +20,15 @@ In vLLM terms:
 
 A family module mixes `PrunedQwenMixin` first into vLLM's model class and
 supplies `tower_outputs` (its tower's forward, replicated to read the saliency
-block's input and the merger's input).
+block's input and the merger's input). A pruned image's rows are its kept rows of
+the stock embeddings (the merger runs once); its saliency is computed only when
+its selection reads it (`PruneSettings.reads_saliency`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -153,9 +155,11 @@ class PrunedQwenMixin:
         self._pending_offsets: _PendingOffsets | None = None
 
     def tower_outputs(
-        self, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
     ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-        """Per image: pruning inputs (`merged_tower_outputs`) and the stock merged embeddings [N, D]."""
+        """Per image: pruning inputs (`merged_tower_outputs`: features from the stock
+        embeddings, saliency only where `saliency` says its selection reads it) and the
+        stock merged embeddings [N, D]."""
         raise NotImplementedError
 
     def kept_rows(self, projected: torch.Tensor, kept: torch.Tensor, stock_rows: torch.Tensor) -> torch.Tensor:
@@ -242,12 +246,14 @@ class PrunedQwenMixin:
         the modality with the most)."""
         grid = video_input["video_grid_thw"][:1].tolist()
         patches = grid[0][0] * grid[0][1] * grid[0][2]
-        (tower,), _ = self.tower_outputs(video_input["pixel_values_videos"][:patches], grid)
+        (tower,), _ = self.tower_outputs(video_input["pixel_values_videos"][:patches], grid, [True])
         tokens = min(self.max_image_tokens, tower.saliency.shape[1])
+        count = self.profiled_images
         images = TowerOutput(
-            tower.hidden[:, : tokens + 1].expand(self.profiled_images, -1, -1),
-            tower.saliency[:, :tokens].expand(self.profiled_images, -1),
+            tower.hidden[:, : tokens + 1].expand(count, -1, -1),
+            tower.saliency[:, :tokens].expand(count, -1),
             None,
+            None if tower.features is None else tower.features[:, :tokens].expand(count, -1, -1),
         )
         project = merger_projection(self.visual.merger)
 
@@ -274,7 +280,8 @@ class PrunedQwenMixin:
         def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
             first_patch = sum(patch_counts[:start])
             pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
-            towers, stock = self.tower_outputs(pixels, grid_thw[start:stop])
+            reads_saliency = [settings[i].reads_saliency(sizes[image]) for i, image in enumerate(range(start, stop))]
+            towers, stock = self.tower_outputs(pixels, grid_thw[start:stop], reads_saliency)
             pruning = [i for i, image in enumerate(range(start, stop)) if settings[i].prunes(sizes[image])]
             # Images of equal N (and equal settings) select as one batch.
             selected = dict(zip(pruning, prune_towers_indexed(
@@ -315,16 +322,34 @@ def rotated_query_key(
 
 
 def received_saliency(
-    attention: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, grid_thw: list[list[int]]
-) -> torch.Tensor:
-    """Attention each patch receives [L] at a vLLM Qwen vision attention block, from this
-    rank's rotated `query`, `key` [L, H_rank, d], averaged over ALL heads (all-reduced
-    over tensor-parallel ranks, which hold disjoint head shards)."""
+    attention: torch.nn.Module,
+    query_key: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    grid_thw: list[list[int]],
+    wanted: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    """Per image, the attention each of its t*h*w patches receives at a vLLM Qwen vision
+    attention block (tower row order), averaged over ALL heads (all-reduced over
+    tensor-parallel ranks, which hold disjoint head shards); None for images not `wanted`.
+
+    `query_key()` gives this rank's rotated query and key [L, H_rank, d]; it is not called
+    when no image is wanted (every rank decides alike: all see the same settings).
+    """
+    if not any(wanted):
+        return [None] * len(grid_thw)
+    query, key = query_key()
     heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
-    received = received_attention(query, key, frame_bounds(grid_thw), head_dim**-0.5)
+    counts = [t * h * w for t, h, w in grid_thw]
+    parts, first = [], 0
+    for grid, count, image_wanted in zip(grid_thw, counts, wanted, strict=True):
+        if image_wanted:
+            rows = slice(first, first + count)
+            parts.append(received_attention(query[rows], key[rows], frame_bounds([grid]), head_dim**-0.5))
+        first += count
+    received = torch.cat(parts)
     if attention.tp_size > 1:
         received = tensor_model_parallel_all_reduce(received * heads) / (heads * attention.tp_size)
-    return received
+    per_image = iter(received.split([count for count, image_wanted in zip(counts, wanted) if image_wanted]))
+    return [next(per_image) if image_wanted else None for image_wanted in wanted]
 
 
 class _PendingOffsets(NamedTuple):

@@ -12,6 +12,7 @@ images, so EVS videos get exact positions too. The model declares no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,25 +37,25 @@ class PromPruneQwen2_5_VLMultiModalProcessor(PrunedQwenProcessorMixin, Qwen2_5_V
 
 
 def qwen_tower_outputs(
-    visual: Qwen2_5_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+    visual: Qwen2_5_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
 ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
     """Per image: pruning inputs and the stock merged embeddings [N, D] (raster order).
 
     TowerOutput rows are merged tokens: `hidden` [1, N + 1, 4 * Dv] is the
     merger's input (row 0 is a zero placeholder: there is no CLS), `saliency`
     [1, N] is the attention received at the last full-attention block, pooled
-    per merge group. The embeddings are exactly the stock tower's output.
+    per merge group (None for images whose `saliency` entry is False), `features`
+    are the stock embeddings. The embeddings are exactly the stock tower's output.
     """
     metadata = visual.prepare_encoder_metadata(grid_thw)
     embeddings, block_input, merger_input = _visual_forward(visual, pixel_values, metadata)
     block = visual.blocks[max(visual.fullatt_block_indexes)]
-    query, key = rotated_query_key(block, block_input, metadata)
-    received = received_saliency(block.attn, query, key, grid_thw)
+    received = received_saliency(block.attn, lambda: rotated_query_key(block, block_input, metadata), grid_thw, saliency)
 
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
     patches = merger_input.reshape(-1, merger_input.shape[-1])
-    towers = merged_tower_outputs(received, patches, metadata["reverse_indices"], unit, sizes)
+    towers = merged_tower_outputs(received, patches, metadata["reverse_indices"], unit, sizes, embeddings)
     return towers, list(embeddings.split(sizes))
 
 
@@ -102,9 +103,9 @@ class PromPruneQwen2_5_VLForConditionalGeneration(PrunedQwenMixin, Qwen2_5_VLFor
     family_name = "Qwen2.5-VL"
 
     def tower_outputs(
-        self, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
     ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-        return qwen_tower_outputs(self.visual, pixel_values, grid_thw)
+        return qwen_tower_outputs(self.visual, pixel_values, grid_thw, saliency)
 
     def _video_rows(self, video_input: Any) -> list[torch.Tensor]:
         videos = self._process_video_input(video_input)

@@ -9,6 +9,8 @@ video pruning for Qwen2-VL).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VisionTransformer,
@@ -29,10 +31,11 @@ class PromPruneQwen2VLMultiModalProcessor(PrunedQwenProcessorMixin, Qwen2VLMulti
 
 
 def qwen_tower_outputs(
-    visual: Qwen2VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+    visual: Qwen2VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
 ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
     """Per image: pruning inputs (`merged_tower_outputs`, saliency from the last
-    block) and the stock merged embeddings [N, D].
+    block where `saliency` asks for it, features from the stock embeddings) and the
+    stock merged embeddings [N, D].
 
     `Qwen2VisionTransformer.forward` of vLLM 0.32, step for step, keeping the
     last block's input (for its q and k) and the merger's input.
@@ -51,18 +54,21 @@ def qwen_tower_outputs(
     embeddings = visual.merger(hidden)
 
     attention = visual.blocks[-1].attn
-    qkv, _ = attention.qkv(visual.blocks[-1].norm1(block_input))
-    query, key, _ = attention.split_qkv(qkv)  # [L, 1, H, d] each, this rank's heads
-    rotated = attention.apply_rotary_emb(
-        torch.cat([query, key], dim=1).transpose(0, 1).contiguous(),
-        metadata["rotary_pos_emb_cos"],
-        metadata["rotary_pos_emb_sin"],
-    )
-    received = received_saliency(attention, rotated[0], rotated[1], grid_thw)
 
+    def query_key() -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, _ = attention.qkv(visual.blocks[-1].norm1(block_input))
+        query, key, _ = attention.split_qkv(qkv)  # [L, 1, H, d] each, this rank's heads
+        rotated = attention.apply_rotary_emb(
+            torch.cat([query, key], dim=1).transpose(0, 1).contiguous(),
+            metadata["rotary_pos_emb_cos"],
+            metadata["rotary_pos_emb_sin"],
+        )
+        return rotated[0], rotated[1]
+
+    received = received_saliency(attention, query_key, grid_thw, saliency)
     unit = visual.spatial_merge_size**2
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes, embeddings), list(embeddings.split(sizes))
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -77,6 +83,6 @@ class PromPruneQwen2VLForConditionalGeneration(PrunedQwenMixin, Qwen2VLForCondit
     image_key = "images"
 
     def tower_outputs(
-        self, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
     ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-        return qwen_tower_outputs(self.visual, pixel_values, grid_thw)
+        return qwen_tower_outputs(self.visual, pixel_values, grid_thw, saliency)

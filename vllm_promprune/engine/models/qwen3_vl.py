@@ -21,6 +21,8 @@ the two position schemes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen3_vl import (
@@ -45,10 +47,11 @@ class PromPruneQwen3VLMultiModalProcessor(PrunedQwenProcessorMixin, Qwen3VLMulti
 
 
 def qwen_tower_outputs(
-    visual: Qwen3_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+    visual: Qwen3_VisionTransformer, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
 ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-    """Per image: pruning inputs (`merged_tower_outputs`, saliency from the last block)
-    and the stock rows [N, D * (1 + deepstack levels)] (main embedding, then each level).
+    """Per image: pruning inputs (`merged_tower_outputs`, saliency from the last block where
+    `saliency` asks for it, features from the main embedding) and the stock rows
+    [N, D * (1 + deepstack levels)] (main embedding, then each level).
 
     `Qwen3_VisionTransformer.forward` of vLLM 0.32, step for step (its blocks are
     compile-decorated, so hooks cannot observe them), keeping the last block's input
@@ -70,15 +73,15 @@ def qwen_tower_outputs(
         )
         if index in visual.deepstack_visual_indexes:
             levels.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)](hidden))
-    embeddings = torch.cat([visual.merger(hidden), *levels], dim=1)
+    merged = visual.merger(hidden)
+    embeddings = torch.cat([merged, *levels], dim=1)
 
     block = visual.blocks[-1]
-    query, key = rotated_query_key(block, block_input, metadata)
-    received = received_saliency(block.attn, query, key, grid_thw)
+    received = received_saliency(block.attn, lambda: rotated_query_key(block, block_input, metadata), grid_thw, saliency)
 
     unit = visual.spatial_merge_unit
     sizes = [t * h * w // unit for t, h, w in grid_thw]
-    return raster_tower_outputs(received, hidden, unit, sizes), list(embeddings.split(sizes))
+    return raster_tower_outputs(received, hidden, unit, sizes, merged), list(embeddings.split(sizes))
 
 
 class PrunedQwen3VLMixin(PrunedQwenMixin):
@@ -90,9 +93,9 @@ class PrunedQwen3VLMixin(PrunedQwenMixin):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def tower_outputs(
-        self, pixel_values: torch.Tensor, grid_thw: list[list[int]]
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], saliency: Sequence[bool]
     ) -> tuple[list[TowerOutput], list[torch.Tensor]]:
-        return qwen_tower_outputs(self.visual, pixel_values, grid_thw)
+        return qwen_tower_outputs(self.visual, pixel_values, grid_thw, saliency)
 
     def kept_rows(self, projected: torch.Tensor, kept: torch.Tensor, stock_rows: torch.Tensor) -> torch.Tensor:
         """[K, D * (1 + levels)]: the projected kept tokens, then their rows of every deepstack level."""
