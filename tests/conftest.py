@@ -3,7 +3,9 @@
 - `unit`: pure torch and request parsing, no engine (`pytest tests/unit`, under a minute);
 - `audit`: pure torch, slow: every method against its per-step transcription of
   methods.md on 200+ seeded cases, and property-based search of the settings;
-- `engine`: real vLLM engines and servers on the tiny offline checkpoints.
+- `engine`: real vLLM engines and servers on the tiny offline checkpoints; those marked
+  `gpu` (tests/engine/test_gpu.py) need CUDA and are skipped without it
+  (`scripts/gpu-check.sh` runs them).
 """
 
 from __future__ import annotations

@@ -274,6 +274,64 @@ def qwen_saliency_costs(device: torch.device, repeats: int, sides: tuple[int, ..
     return costs
 
 
+MEMORY_TOKENS = (576, 1296, 2880, 5184, 9216, 16384)
+MEMORY_WIDTH = 3584  # Qwen2.5-VL-7B's LLM width
+
+
+class MemoryCell(NamedTuple):
+    peak_mib: float  # bytes the selection allocated at its peak, beyond its inputs
+    seconds: float  # one run's wall time, after a warm-up
+
+
+def memory_cells(
+    device: torch.device, methods: list[str], tokens: tuple[int, ...] = MEMORY_TOKENS, time_limit: float = 30.0
+) -> dict[tuple[str, int], MemoryCell]:
+    """Peak memory and time of one selection per method and N (B = 1, D = MEMORY_WIDTH,
+    K = N // 4): the memory vLLM's profile must hold (`pruning.memory_profile_settings`).
+    The peak is counted in a run of its own (on the CPU per operation, which slows it);
+    the time is one more run after a warm-up. A method whose run exceeds `time_limit`
+    seconds is not run at larger N."""
+    from .memory import peak_bytes
+
+    cells: dict[tuple[str, int], MemoryCell] = {}
+    slow: set[str] = set()
+    for num_tokens in tokens:
+        inputs = random_batch(1, num_tokens, MEMORY_WIDTH, device)
+        for method in methods:
+            if method in slow:
+                continue
+            select = functools.partial(reduce_tokens, method, inputs, num_tokens // 4, METHODS[method].options())
+            with torch.inference_mode():
+                peak = peak_bytes(select, device)  # counted per operation, so not timed; the warm-up
+                seconds = _timed(select, device)
+            cells[method, num_tokens] = MemoryCell(peak / 2**20, seconds)
+            print(f"memory N={num_tokens:5d} {method:18s} {peak / 2**20:9.1f} MiB {seconds:8.2f} s", flush=True)
+            if seconds > time_limit:
+                slow.add(method)
+        del inputs
+    return cells
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def memory_table(cells: dict[tuple[str, int], MemoryCell]) -> str:
+    columns = sorted({tokens for _, tokens in cells})
+    lines = ["| method | " + " | ".join(f"N={n}" for n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in dict.fromkeys(method for method, _ in cells):
+        row = [cells.get((method, n)) for n in columns]
+        text = [f"{c.peak_mib:.0f} MiB, {c.seconds:.2f} s" if c else "not run" for c in row]
+        lines.append(f"| {method} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(timings: list[Timing]) -> str:
     columns = sorted({(t.tokens, t.width, t.keep, t.batch) for t in timings})
     header = "| method | " + " | ".join(f"N={n} D={d} K={k} B={b}" for n, d, k, b in columns) + " |"
@@ -287,11 +345,16 @@ def markdown_table(timings: list[Timing]) -> str:
     return "\n".join(lines)
 
 
-def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool) -> None:
+def main(device_name: str, repeats: int, methods: list[str] | None, quick: bool, memory: bool = False) -> None:
     devices = [torch.device(device_name)] if device_name != "all" else [torch.device("cpu")] + (
         [torch.device("cuda")] if torch.cuda.is_available() else []
     )
     chosen = methods or list(METHODS)
+    if memory:
+        for device in devices:
+            print(f"== {device}: peak selection memory and time, B=1, D={MEMORY_WIDTH}, K=N/4, float32 ==")
+            print(f"\n{memory_table(memory_cells(device, chosen))}\n")
+        return
     for device in devices:
         print(f"== {device}: torch {torch.__version__}, {torch.get_num_threads()} threads, float32 ==")
         shapes = SHAPES[:1] if quick else SHAPES

@@ -125,7 +125,7 @@ def _install_torchvision_compat(args: argparse.Namespace) -> None:
 def _bench_select(args: argparse.Namespace) -> None:
     from .bench_select import main as bench_main
 
-    bench_main(args.device, args.repeats, args.methods, args.quick)
+    bench_main(args.device, args.repeats, args.methods, args.quick, args.memory)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--methods", nargs="*", default=None)
     bench.add_argument("--quick", action="store_true", help="only N=576")
+    bench.add_argument(
+        "--memory", action="store_true",
+        help="instead: peak memory and time of one selection per method for N = 576 ... 16384 (K = N/4)",
+    )
     bench.set_defaults(handler=_bench_select)
 
     load = commands.add_parser(

@@ -48,6 +48,8 @@ MEMORY_PROFILE_KEY = "memory_profile"
 
 _MAKING_DUMMY_INPUTS: ContextVar[bool] = ContextVar("promprune_making_dummy_inputs", default=False)
 _RUNNING_MEMORY_PROFILE: ContextVar[bool] = ContextVar("promprune_running_memory_profile", default=False)
+PROFILED_PEAK_BYTES: list[int] = []
+"""On CUDA: the device's peak allocated bytes when each memory-profile run ended."""
 PROFILED_SELECTIONS: list[tuple[str, int, int, int]] = []
 """(method, N, K, images) of every micro-batch selection the memory profile ran in this
 process (N and K of its first image)."""
@@ -367,6 +369,8 @@ def run_memory_profile(methods: Sequence[str], geometry: Sequence[ImageGeometry]
                 PROFILED_SELECTIONS.append((first.method, tokens, first.kept_tokens(tokens), stop - start))
     finally:
         _RUNNING_MEMORY_PROFILE.reset(running)
+    if torch.cuda.is_available():
+        PROFILED_PEAK_BYTES.append(torch.cuda.max_memory_allocated())
     logger.info(
         "promprune: vLLM's memory profile ran %d selections (%s) on %d image(s) of up to %d tokens",
         len(per_image[0]), ", ".join(dict.fromkeys(methods)), len(geometry), max(image.num_content for image in geometry),
