@@ -219,6 +219,18 @@ def test_many_pruned_images_span_encoder_micro_batches(pruned_llm, reference) ->
         assert result == reference.greedy(prompt_ids, [textured_image(seed)], {"keep": 16}, 8)
 
 
+def test_bfloat16_engine_serves_every_method(tiny_llava: Path) -> None:
+    """GPU towers run in bf16: the engine serves every method on bf16 tower outputs (the
+    selection math runs in float32; tests/unit/test_low_precision.py checks the picks)."""
+    from vllm_promprune.methods import METHODS
+
+    with offline_engine(tiny_llava, {**ENGINE_ARGS, "dtype": "bfloat16"}, pruned=True) as llm:
+        (unpruned, _), = run(llm, [_request(9, {"keep": None})], max_tokens=1)
+        results = run(llm, [_request(9, {"keep": 20, "method": method}) for method in METHODS], max_tokens=2)
+    for method, (ids, tokens) in zip(METHODS, results, strict=True):
+        assert len(ids) == len(unpruned) - NUM_TOKENS + 20 and len(tokens) == 2, method
+
+
 def test_memory_profile_runs_every_selection_at_the_largest_image(tiny_llava: Path) -> None:
     """vLLM sizes the KV cache from a profiling run (on the CPU only when compiling). An
     engine without a default budget still runs every selection the CLIP tower can feed there,
