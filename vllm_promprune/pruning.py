@@ -19,8 +19,9 @@ from .methods import METHODS, TokenBatch, reduce_tokens
 from .methods.controls import uniform
 from .settings import PruneSettings
 
-CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields)
-"""A tower with a CLS token and saliency-layer keys (CLIP) provides every `TokenBatch` input."""
+CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields) - {"instruction"}
+"""A tower with a CLS token and saliency-layer keys (CLIP) provides every `TokenBatch` input but
+the instruction embeddings (CDPruner), which the engine does not pass to the selection yet."""
 CLS_TOWER_NAME = "this model's vision tower"
 
 SelectionFailureHandler = Callable[[PruneSettings, int, BaseException], None]

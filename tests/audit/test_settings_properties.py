@@ -51,6 +51,8 @@ OPTION_VALUES: dict[str, st.SearchStrategy[object]] = {
     "pca": st.sampled_from(["exact", "lowrank", "nope"]),
     "important_ratio": _near(0.0, 1.0),
     "dominant_ratio": _near(0.0, 1.0),
+    "relevance_sign": st.sampled_from([1, -1, 0, 2, "1", None]),
+    "theta": st.one_of(st.none(), _near(0.0, 1.0)),
     "seed": st.one_of(
         st.integers(0, 1000),
         st.sampled_from([-1, MAX_SEED, MAX_SEED + 1, 2**64, 2**80]),

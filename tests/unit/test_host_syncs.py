@@ -160,7 +160,8 @@ def _batch(images: int, num_tokens: int, seed: int) -> TokenBatch:
     features = pre[:, 1:] @ torch.randn(48, 64, generator=g)
     saliency = torch.randn(images, num_tokens, generator=g).softmax(dim=-1)
     keys = pre[:, :, :16] + torch.randn(images, num_tokens + 1, 16, generator=g)
-    return TokenBatch(features, saliency, pre[:, 1:], pre[:, 0], keys)
+    instruction = torch.randn(images, 5, 64, generator=g)
+    return TokenBatch(features, saliency, pre[:, 1:], pre[:, 0], keys, instruction)
 
 
 # (method, options, host reads per call, per image (True) or per batch). Each read is
@@ -189,6 +190,8 @@ EXPECTED_READS: list[tuple[str, dict[str, object], int, bool]] = [
     ("uniform", {}, 0, False),
     ("random", {}, 0, False),
     ("saliency", {}, 0, False),
+    ("cdpruner", {}, 0, False),
+    ("cdpruner", {"relevance_sign": -1, "theta": 0.5}, 0, False),
 ]
 
 

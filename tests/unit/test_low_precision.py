@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from vllm_promprune.methods import METHODS, TokenBatch, reduce_tokens
-from vllm_promprune.pruning import PrunedImage, TowerOutput, prune_images_indexed, prune_towers_indexed
+from vllm_promprune.pruning import (
+    CLS_TOWER_INPUTS,
+    PrunedImage,
+    TowerOutput,
+    prune_images_indexed,
+    prune_towers_indexed,
+)
 from vllm_promprune.settings import PruneSettings
 
 LOW = [torch.bfloat16, torch.float16]
@@ -28,6 +34,7 @@ OPTIONS: dict[str, list[dict[str, object]]] = {
     ],
     "prunesid": [{}, {"pca": "lowrank"}],
     "vispruner": [{}, {"important_ratio": 0.25}],
+    "cdpruner": [{}, {"relevance_sign": -1, "theta": 0.3}],
 }
 
 
@@ -40,7 +47,8 @@ def _rounded(images: int, num_tokens: int, dtype: torch.dtype, seed: int) -> Tok
     features = pre[:, 1:] @ torch.randn(40, 56, generator=g)
     saliency = torch.randn(images, num_tokens, generator=g).softmax(dim=-1)
     keys = pre[:, :, :16] + torch.randn(images, num_tokens + 1, 16, generator=g)
-    return TokenBatch(*(t.to(dtype) for t in (features, saliency, pre[:, 1:], pre[:, 0], keys)))
+    instruction = torch.randn(images, 6, 56, generator=g)
+    return TokenBatch(*(t.to(dtype) for t in (features, saliency, pre[:, 1:], pre[:, 0], keys, instruction)))
 
 
 def _as_float(batch: TokenBatch) -> TokenBatch:
@@ -88,6 +96,7 @@ def _towers(dtype: torch.dtype, low_saliency: bool) -> list[TowerOutput]:
 SETTINGS = [
     PruneSettings(keep=10, method=method, options=options)
     for method in sorted(METHODS)
+    if set(METHODS[method].needs) <= CLS_TOWER_INPUTS  # the pipeline's inputs (no instruction yet)
     for options in OPTIONS.get(method, [{}])[:2]
 ]
 

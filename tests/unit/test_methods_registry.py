@@ -18,6 +18,7 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
         "saliency": torch.rand(N, generator=g),
         "pre_features": torch.randn(N, DV, generator=g),
         "cls_pre_feature": torch.randn(DV, generator=g),
+        "instruction": torch.randn(7, D, generator=g),
     }
 
 

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .cdpruner import CDPrunerOptions, cdpruner_select
 from .common import ORDERS, Order, check_keep, check_order, describe_validation_error, finish_order
 from .controls import RandomOptions, random_tokens, top_saliency, uniform
 from .divprune import divprune
@@ -46,6 +47,7 @@ class TokenBatch(NamedTuple):
     pre_features: torch.Tensor | None = None  # [B, N, Dv] pre-projector patch tokens
     cls_pre_feature: torch.Tensor | None = None  # [B, Dv] pre-projector CLS token
     keys: torch.Tensor | None = None  # [B, N + 1, Dk] head-mean attention keys, CLS first
+    instruction: torch.Tensor | None = None  # [B, M, D] instruction embeddings (same M for the batch)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ def _vispruner(batch: TokenBatch, keep: int, options: VisPrunerOptions) -> torch
     return vispruner(batch.pre_features, batch.saliency, keep, options)
 
 
+def _cdpruner(batch: TokenBatch, keep: int, options: CDPrunerOptions) -> torch.Tensor:
+    return cdpruner_select(batch.features, batch.instruction, keep, options)
+
+
 def _same_for_every_image(positions: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return positions.expand(len(batch.features), -1)
 
@@ -117,6 +123,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "saliency": MethodSpec(NoOptions, lambda b, k, o: top_saliency(b.saliency, k), _SALIENCY),
     "coverage": MethodSpec(NoOptions, lambda b, k, o: dpp_greedy_map(b.features, k), _PROJECTED),
+    "cdpruner": MethodSpec(CDPrunerOptions, _cdpruner, ("features", "instruction")),
 }
 
 def register_method(name: str, spec: MethodSpec) -> None:
@@ -177,6 +184,7 @@ def check_inputs(method: str, batch: TokenBatch) -> None:
         "pre_features": (size, num_tokens),
         "cls_pre_feature": (size,),
         "keys": (size, num_tokens + 1),
+        "instruction": (size,),
     }
     for name in spec.needs:
         value = getattr(batch, name)
@@ -213,6 +221,7 @@ def select_tokens(
     saliency: torch.Tensor | None = None,
     pre_features: torch.Tensor | None = None,
     cls_pre_feature: torch.Tensor | None = None,
+    instruction: torch.Tensor | None = None,
     order: Order = "spatial",
     **options: object,
 ) -> torch.Tensor:
@@ -225,6 +234,7 @@ def select_tokens(
         saliency: [N] CLS attention per patch token (head mean), for saliency methods.
         pre_features: [N, Dv] pre-projector patch tokens (PruneSID, VisPruner).
         cls_pre_feature: [Dv] pre-projector CLS token (PruneSID).
+        instruction: [M, D] instruction embeddings in the features' space (CDPruner).
         order: "spatial" (default, ascending position) or "selection" (pick order).
         **options: method options, validated (unknown ones are errors).
 
@@ -242,7 +252,12 @@ def select_tokens(
     num_tokens = features.shape[0]
     if keep >= num_tokens:  # every patch token, in the method's index space
         return torch.arange(num_tokens, device=features.device) + int(METHODS[method].with_cls)
-    batch = TokenBatch(*(None if t is None else t[None] for t in (features, saliency, pre_features, cls_pre_feature)))
+    singles = (features, saliency, pre_features, cls_pre_feature)
+    batch = TokenBatch(*(None if t is None else t[None] for t in singles))
+    if instruction is not None:
+        if instruction.dim() != 2:
+            raise ValueError(f"instruction must have shape [M, D], got {tuple(instruction.shape)}")
+        batch = batch._replace(instruction=instruction[None])
     return reduce_tokens(method, batch, keep, parsed, order)[0]
 
 
@@ -277,6 +292,7 @@ def merge_tokens(
 
 
 __all__ = [
+    "CDPrunerOptions",
     "ENGINE_UNAVAILABLE",
     "check_method",
     "METHODS",

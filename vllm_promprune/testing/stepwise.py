@@ -617,3 +617,63 @@ def prunesid_stepwise(
     for order, quota in zip(group_orders, quotas.tolist()):
         rows.extend(patch + 1 for patch in order[:quota])
     return rows
+
+
+# --------------------------------------------------------------------------- CDPruner
+
+
+def cdpruner_stepwise(
+    features: torch.Tensor,
+    instruction: torch.Tensor,
+    keep: int,
+    relevance_sign: int = 1,
+    theta: float | None = None,
+) -> list[int]:
+    """CDPruner (methods.md "CDPruner") for one image, in the official loop's form.
+
+    Args:
+        features: [N, D] visual tokens; instruction: [M, D] instruction embeddings.
+        keep: K picks; relevance_sign: 1 or -1; theta: None or in (0, 1).
+
+    Unit rows divide by the plain norm (no eps; an all-zero row stays 0). Relevance
+    ``r = sign * mean_m cos``; min-max over this image (constant relevance: r = 1); then
+    ``exp(alpha r)`` with theta. ``L[i, j] = (r_i * S[i, j]) * r_j`` with ``S`` the single
+    product of the unit rows. Each step: ``j = torch.argmax(d2)`` over unpicked tokens
+    (the first step is the argmax of ``diag(L)``), ``e = (L[j] - c_j^T C) / sqrt(max(d2_j,
+    1e-8))``, ``d2 = max(d2 - e^2, 0)``, ``d2[j] = -inf``.
+
+    Returns:
+        `keep` indices in pick order.
+    """
+
+    def unit(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.float()
+        norm = rows.norm(dim=1, keepdim=True)
+        return rows / torch.where(norm == 0, torch.ones_like(norm), norm)
+
+    visual = unit(features)
+    similarity = visual @ visual.T
+    relevance = (visual @ unit(instruction).T).mean(dim=1)
+    if relevance_sign == -1:
+        relevance = -relevance
+    low, high = relevance.min(), relevance.max()
+    if float(high - low) == 0.0:
+        relevance = torch.ones_like(relevance)
+    else:
+        relevance = (relevance - low + 1e-6) / (high - low)
+    if theta is not None:
+        relevance = torch.exp(theta / (2.0 * (1.0 - theta)) * relevance)
+    num_tokens = features.shape[0]
+    kernel = relevance[:, None] * similarity * relevance[None, :]
+    gains = torch.diagonal(kernel).clone()
+    cholesky_rows = torch.zeros(keep, num_tokens)
+    picks: list[int] = []
+    for step in range(keep):
+        pick = int(torch.argmax(gains))
+        picks.append(pick)
+        pivot = torch.sqrt(torch.clamp(gains[pick], min=1e-8))
+        update = (kernel[pick] - cholesky_rows[:step, pick] @ cholesky_rows[:step]) / pivot
+        cholesky_rows[step] = update
+        gains = torch.clamp(gains - update * update, min=0.0)
+        gains[picks] = _NEG_INF
+    return picks

@@ -28,6 +28,7 @@ from ..methods import METHODS, TokenBatch, reduce_tokens
 SHAPES = ((576, 4096, 64), (2880, 4096, 320), (1296, 3584, 144))  # (N, D, K)
 BATCHES = (1, 8)
 PRE_WIDTH, KEY_WIDTH = 1024, 64
+INSTRUCTION_TOKENS = 32  # CDPruner's random instruction: M = 32 embeddings of the projected width
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def random_batch(batch: int, tokens: int, width: int, device: torch.device) -> T
         pre_features=randn(batch, tokens, PRE_WIDTH),
         cls_pre_feature=randn(batch, PRE_WIDTH),
         keys=randn(batch, tokens + 1, KEY_WIDTH),
+        instruction=randn(batch, INSTRUCTION_TOKENS, width),
     )
 
 
