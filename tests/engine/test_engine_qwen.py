@@ -126,10 +126,11 @@ FAMILIES = {
     "qwen2-vl": Family("tiny_qwen2_vl", ReferenceImages(
         SIZES_28, {"square": 95, "wide": 14, "tall": 8}, ("square", 0), (("tall", 0), ("wide", 1))), 128),
     # Qwen3-VL's tiny tower gives its least salient tokens received attention within ~1e-9
-    # of each other, and VisPruner's residual list is in that order (methods.md): on these
-    # images its selection moved under 1.2x-2x the guard's noise (measured 2026-12-03 on an
-    # AVX-512 machine, where the engine-vs-reference difference is 3.5e-10), so it has no
-    # VisPruner reference case; Qwen2-VL and Qwen2.5-VL cover that shared code path.
+    # of each other, and VisPruner's residual list is in that order (methods.md): on its square
+    # and tall reference images the selection moved under 1.2x-2x the floor noise (wide: 4x;
+    # most of seeds 0-7 per size at 1x-2x), measured 2026-12-03 on an AVX-512 machine where the
+    # engine-vs-reference difference is 3.5e-10, so it has no VisPruner reference case;
+    # Qwen2-VL and Qwen2.5-VL cover that shared code path.
     "qwen3-vl": Family("tiny_qwen3_vl", QWEN3_IMAGES, 98, vispruner_margins=False),
     "qwen3-vl-moe": Family("tiny_qwen3_vl_moe", QWEN3_IMAGES, 98, vispruner_margins=False),  # the dense one's tower
 }
