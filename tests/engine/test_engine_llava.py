@@ -220,14 +220,17 @@ def test_many_pruned_images_span_encoder_micro_batches(pruned_llm, reference) ->
 
 
 def test_bfloat16_engine_serves_every_method(tiny_llava: Path) -> None:
-    """GPU towers run in bf16: the engine serves every method on bf16 tower outputs (the
-    selection math runs in float32; tests/unit/test_low_precision.py checks the picks)."""
+    """GPU towers run in bf16: the engine serves every method the CLIP tower can feed on bf16
+    tower outputs (the selection math runs in float32; tests/unit/test_low_precision.py
+    checks the picks)."""
     from vllm_promprune.methods import METHODS
+    from vllm_promprune.pruning import CLS_TOWER_INPUTS
 
+    methods = [name for name, spec in METHODS.items() if set(spec.needs) <= CLS_TOWER_INPUTS]
     with offline_engine(tiny_llava, {**ENGINE_ARGS, "dtype": "bfloat16"}, pruned=True) as llm:
         (unpruned, _), = run(llm, [_request(9, {"keep": None})], max_tokens=1)
-        results = run(llm, [_request(9, {"keep": 20, "method": method}) for method in METHODS], max_tokens=2)
-    for method, (ids, tokens) in zip(METHODS, results, strict=True):
+        results = run(llm, [_request(9, {"keep": 20, "method": method}) for method in methods], max_tokens=2)
+    for method, (ids, tokens) in zip(methods, results, strict=True):
         assert len(ids) == len(unpruned) - NUM_TOKENS + 20 and len(tokens) == 2, method
 
 
