@@ -131,6 +131,11 @@ def test_mixed_load_with_bad_and_failing_requests(server: ServerProcess) -> None
         assert solo[i][0] == text_tokens + keep
     failures_before = _failures(server)
     assert failures_before >= len(failing)
+    # VisPruner ranks as its reference does, with torch's unstable argsort: the order of exactly
+    # tied duplication scores then depends on the whole row, and the tower's floats for an
+    # image micro-batched with other requests' images can differ from its solo run in the last
+    # bit, so its answers under load are not compared with solo ones (docs/methods.md, VisPruner).
+    reproducible = [i for i, body in enumerate(good) if "vispruner" not in str(body)]
 
     rng = random.Random(0)
     schedule: list[tuple[dict, int | None, str | None]] = []
@@ -153,7 +158,7 @@ def test_mixed_load_with_bad_and_failing_requests(server: ServerProcess) -> None
         else:
             prompt_tokens, answer = _answer(response)
             assert prompt_tokens == solo[index][0], f"request {index}: prompt length differs from its solo run"
-            if CPU_HAS_AVX512:  # batched = solo floats (see CPU_HAS_AVX512)
+            if CPU_HAS_AVX512 and index in reproducible:  # batched = solo floats (see CPU_HAS_AVX512)
                 assert answer == solo[index][1], f"request {index} differs from its solo answer"
     assert bad_seen > 0
     assert sum(1 for _, index, _ in schedule if index in failing) > 0
