@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_promprune.families.anyres import anyres_layout
+from vllm_promprune.families.anyres import anyres_layout, split_budget
 from vllm_promprune.testing.checkpoints import ANYRES_PINPOINTS
 
 from .conftest import (
@@ -197,7 +197,7 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     """
     import torch
 
-    from vllm_promprune.families.anyres import prune_anyres, split_budget
+    from vllm_promprune.families.anyres import prune_anyres
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
     from vllm_promprune.settings import parse_image_settings
 
@@ -258,6 +258,49 @@ def test_different_budgets_in_one_batch_equal_solo_runs(pruned_llm) -> None:
     solo = [run(pruned_llm, [CASES.request([image], settings)])[0] for settings in variants]
     assert run(pruned_llm, [CASES.request([image], settings) for settings in variants]) == solo
     assert len({len(ids) for ids, _ in solo}) == 3
+
+
+def start_counting_selections(model) -> None:
+    """In the worker: record the batch size of every selection pruning runs, with a tower
+    micro-batch of two largest images, as vLLM's profile gives a server whose token budget
+    holds two unpruned images (here 512 tokens: one image per micro-batch)."""
+    import vllm_promprune.pruning as pruning
+
+    reduce_tokens, counted = pruning.reduce_tokens, []
+
+    def counting(method: str, batch, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        counted.append(batch.features.shape[0])
+        return reduce_tokens(method, batch, *args, **kwargs)
+
+    pruning.reduce_tokens = counting
+    model.counted_selections = (reduce_tokens, counted, model.views_per_batch)
+    model.views_per_batch *= 2
+
+
+def take_counted_selections(model) -> list[int]:
+    import vllm_promprune.pruning as pruning
+
+    pruning.reduce_tokens, counted, model.views_per_batch = model.counted_selections
+    del model.counted_selections
+    return counted
+
+
+@pytest.mark.parametrize("budget_mode", ["global", "per_crop"])
+def test_images_of_one_layout_select_as_one_batch(pruned_llm, budget_mode: str) -> None:
+    """Two different images of one layout with one budget cost the selections of one image."""
+    settings = {"keep": 40, "method": "divprune", "budget_mode": budget_mode}
+    images = [CASES.scene("wide", 40 + (budget_mode == "per_crop")), CASES.scene("wide", 42)]
+    pruned_llm.apply_model(start_counting_selections)
+    run(pruned_llm, [CASES.request(images, settings, TWO_IMAGES)], max_tokens=1)
+    (counted,) = pruned_llm.apply_model(take_counted_selections)
+    if budget_mode == "global":  # one selection over each image's content tokens
+        assert counted == [2]
+        return
+    layout = _layout("wide")
+    views = [(int((layout.view_of == view).sum()), share)
+             for view, share in enumerate(split_budget(40, layout.view_sizes())) if share]
+    assert len(counted) == len(set(views)), counted  # views of equal size and share batch too
+    assert sum(counted) == 2 * len(views)
 
 
 def test_per_image_budget_list_must_match_images(pruned_llm) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_promprune.families.anyres import anyres_layout, prune_anyres, split_budget
+from vllm_promprune.families.anyres import anyres_layout, prune_anyres, prune_anyres_images, split_budget
 from vllm_promprune.pruning import TowerOutput
 from vllm_promprune.settings import parse_settings
 from vllm_promprune.testing.checkpoints import ANYRES_PINPOINTS
@@ -119,3 +119,40 @@ def test_per_crop_with_cls_methods_use_each_views_cls() -> None:
     assert rows.shape == (50, 8)
     for view in range(layout.num_views):  # PruneSID keeps each view's CLS first
         assert any(torch.equal(row, tower.hidden[view, 0]) for row in rows)
+
+
+@pytest.mark.parametrize("budget_mode", ["global", "per_crop"])
+def test_images_of_one_layout_select_as_one_batch_equal_to_each_alone(budget_mode: str, monkeypatch) -> None:
+    """Two same-layout images with the same settings cost the selections of one; a third
+    with another budget and a fourth of another layout run apart; every image's rows equal
+    a call on it alone."""
+    import vllm_promprune.pruning as pruning
+
+    square, wide = anyres_layout(672, 672, ANYRES_PINPOINTS, 336, 14), anyres_layout(336, 1008, ANYRES_PINPOINTS, 336, 14)
+    settings = [parse_settings({"keep": keep, "method": "divprune", "budget_mode": budget_mode}) for keep in (50, 50, 30, 50)]
+    images = [(_tower(layout.num_views, seed), layout, s)
+              for seed, (layout, s) in enumerate(zip([square, square, square, wide], settings))]
+    alone = [prune_anyres(*image, lambda x: x) for image in images]
+
+    calls: list[int] = []
+    reduce_tokens = pruning.reduce_tokens
+
+    def counting(method, batch, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(batch.features.shape[0])
+        return reduce_tokens(method, batch, *args, **kwargs)
+
+    monkeypatch.setattr(pruning, "reduce_tokens", counting)
+    together = prune_anyres_images(images, lambda x: x)
+    for ours, theirs in zip(together, alone, strict=True):
+        assert torch.equal(ours, theirs)
+
+    def selections(image: tuple) -> set[tuple[int, int]]:  # (candidates, keep) of each selection
+        _, layout, image_settings = image
+        keep = image_settings.kept_tokens(layout.num_content)
+        if budget_mode == "global":
+            return {(layout.num_content, keep)}
+        return {(int((layout.view_of == view).sum()), share)
+                for view, share in enumerate(split_budget(keep, layout.view_sizes())) if share > 0}
+
+    assert len(calls) == len(set().union(*map(selections, images)))
+    assert len(calls) < sum(len(selections(image)) for image in images)

@@ -125,37 +125,58 @@ def prune_anyres(
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
 ) -> torch.Tensor:
-    """The pruned image's LLM embeddings [K, D] from its V tower views.
+    """The pruned image's LLM embeddings [K, D] from its V tower views (one image of
+    `prune_anyres_images`)."""
+    return prune_anyres_images([(tower, layout, settings)], project, on_selection, on_failure)[0]
 
-    `tower` holds the image's views: hidden [V, side^2 + 1, Dv] (CLS first),
-    saliency [V, side^2], keys [V, side^2 + 1, Dk]. Call only when
-    `settings.prunes(layout.num_content)`. The callbacks are `prune_images`'.
+
+def prune_anyres_images(
+    images: Sequence[tuple[TowerOutput, AnyResLayout, PruneSettings]],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    on_selection: Callable[[str, float], None] | None = None,
+    on_failure: SelectionFailureHandler | None = None,
+) -> list[torch.Tensor]:
+    """Each pruned image's LLM embeddings [K_i, D] from its V_i tower views.
+
+    Per image, `tower` holds its views: hidden [V, side^2 + 1, Dv] (CLS first),
+    saliency [V, side^2], keys [V, side^2 + 1, Dk]. Call only with images whose
+    `settings.prunes(layout.num_content)`. The callbacks are `prune_images'`.
+
+    Every selection (the whole image in `global` mode, one view in `per_crop`) with
+    the same number of candidates runs in one batch, across views and images (e.g.
+    the 5 views of a square image, or two images of the same layout); `prune_images`
+    groups that batch by settings, so each image gets what it would get alone.
     """
-    keep = settings.kept_tokens(layout.num_content)
-    patches = tower.hidden[:, 1:].flatten(0, 1)
-    saliency = tower.saliency.flatten()
-    keys = tower.keys[:, 1:].flatten(0, 1)
-    if settings.budget_mode == "global":
-        parts = [(0, layout.content_index, keep)]
-    else:
-        shares = split_budget(keep, layout.view_sizes())
-        parts = [(view, layout.content_index[layout.view_of == view], share) for view, share in enumerate(shares)]
+    parts: list[tuple[int, int, torch.Tensor, PruneSettings]] = []  # (image, view, index, settings)
+    for image, (_, layout, settings) in enumerate(images):
+        keep = settings.kept_tokens(layout.num_content)
+        if settings.budget_mode == "global":
+            parts.append((image, 0, layout.content_index, settings.model_copy(update={"keep": keep, "ratio": None})))
+            continue
+        for view, share in enumerate(split_budget(keep, layout.view_sizes())):
+            if share > 0:
+                index = layout.content_index[layout.view_of == view]
+                parts.append((image, view, index, settings.model_copy(update={"keep": share, "ratio": None})))
 
-    # Views with the same token count and share (e.g. the 5 views of a square image)
-    # run as one batch.
-    batches: dict[tuple[int, int], list[int]] = {}
-    for part, (_, index, share) in enumerate(parts):
-        if share > 0:
-            batches.setdefault((len(index), share), []).append(part)
+    flat = [
+        (tower.hidden[:, 1:].flatten(0, 1), tower.saliency.flatten(), tower.keys[:, 1:].flatten(0, 1))
+        for tower, _, _ in images
+    ]
+    batches: dict[int, list[int]] = {}  # candidates -> parts
+    for part, (_, _, index, _) in enumerate(parts):
+        batches.setdefault(len(index), []).append(part)
     rows: list[torch.Tensor | None] = [None] * len(parts)
-    for (_, share), members in batches.items():
+    for members in batches.values():
+        selected = [parts[m] for m in members]
         batch = TowerOutput(
-            hidden=torch.stack([torch.cat([tower.hidden[parts[m][0], :1], patches[parts[m][1]]]) for m in members]),
-            saliency=torch.stack([saliency[parts[m][1]] for m in members]),
-            keys=torch.stack([torch.cat([tower.keys[parts[m][0], :1], keys[parts[m][1]]]) for m in members]),
+            hidden=torch.stack([torch.cat([images[i][0].hidden[v, :1], flat[i][0][index]]) for i, v, index, _ in selected]),
+            saliency=torch.stack([flat[i][1][index] for i, _, index, _ in selected]),
+            keys=torch.stack([torch.cat([images[i][0].keys[v, :1], flat[i][2][index]]) for i, v, index, _ in selected]),
         )
-        part_settings = settings.model_copy(update={"keep": share, "ratio": None})
-        pruned = prune_images(batch, [part_settings] * len(members), project, on_selection, on_failure)
+        pruned = prune_images(batch, [s for _, _, _, s in selected], project, on_selection, on_failure)
         for member, member_rows in zip(members, pruned):
             rows[member] = member_rows
-    return torch.cat([part_rows for part_rows in rows if part_rows is not None])
+    return [
+        torch.cat([part_rows for (image, _, _, _), part_rows in zip(parts, rows) if image == wanted])  # type: ignore[misc]
+        for wanted in range(len(images))
+    ]

@@ -21,7 +21,8 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
-from ...families.anyres import AnyResLayout, anyres_layout, prune_anyres
+from ...families.anyres import AnyResLayout, anyres_layout, prune_anyres_images
+from ...pruning import TowerOutput
 from ...settings import PruneSettings
 from .clip_saliency import check_clip_llava_config, clip_tower_output
 from .common import (
@@ -87,19 +88,25 @@ class PromPruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
             views = torch.cat([pixel_values[i][: layouts[i].num_views] for i in range(start, stop)])
             tower = clip_tower_output(self.vision_tower, views)
-            rows, first_view = [], 0
+            rows: list[torch.Tensor | None] = []
+            pruned: list[tuple[int, tuple[TowerOutput, AnyResLayout, PruneSettings]]] = []  # (row, image)
+            first_view = 0
             for image, image_settings in zip(range(start, stop), settings):
                 layout = layouts[image]
                 image_tower = tower.rows(first_view, first_view + layout.num_views)
                 first_view += layout.num_views
                 if image_settings.prunes(layout.num_content):
-                    project = self.multi_modal_projector
-                    rows.append(prune_anyres(image_tower, layout, image_settings, project, **SELECTION_HOOKS))
+                    pruned.append((len(rows), (image_tower, layout, image_settings)))
+                    rows.append(None)
                 else:
                     projected = self.multi_modal_projector(image_tower.hidden[:, 1:])
                     size = image_sizes[image]
                     rows.append(self._merge_image_patch_embeddings(size, projected, strategy="spatial_unpad"))
-            return rows
+            # Images of one layout select as one batch (each as it would alone).
+            selected = prune_anyres_images([image for _, image in pruned], self.multi_modal_projector, **SELECTION_HOOKS)
+            for (row, _), image_rows in zip(pruned, selected, strict=True):
+                rows[row] = image_rows
+            return rows  # type: ignore[return-value]
 
         geometry = [ImageGeometry(layout.num_content, layout.num_stock_tokens, layout.num_views) for layout in layouts]
         return pruned_image_embeddings(
