@@ -111,6 +111,21 @@ def _expected(reference, images: list, settings: dict | None, prompt: str = PROM
     return reference.greedy(prompt_ids, images, settings, 8)
 
 
+def test_stock_vllm_expands_prompts_like_transformers(stock_llm, tiny_llava_next: Path) -> None:
+    """The offline checkpoint runs in stock vLLM, whose prompt for a square and two
+    letterboxed images (other AnyRes grids) is exactly what the transformers processor
+    makes of it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_next)
+    for size in SIZES:
+        image = CASES.scene(size, 70)
+        expected = processor(images=[image], text=PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+        (ids, tokens), = run(stock_llm, [CASES.request([image])], max_tokens=2)
+        assert ids == expected, size
+        assert len(tokens) == 2
+
+
 @pytest.mark.parametrize(
     ("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000, "budget_mode": "per_crop"})]
 )

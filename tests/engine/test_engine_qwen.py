@@ -228,6 +228,20 @@ def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN2
     return ids, tokens, positions[:, : len(ids)]
 
 
+def test_stock_vllm_expands_prompts_like_transformers(stock_llm, checkpoint: Path, cases) -> None:
+    """The offline checkpoint runs in stock vLLM, whose prompt for a square, a wide and a
+    tall image is exactly what the transformers processor makes of it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    for size in SIZE_NAMES:
+        image = cases.scene(size, 70)
+        expected = processor(images=[image], text=PROMPT, return_tensors="pt")["input_ids"][0].tolist()
+        (ids, tokens), = run(stock_llm, [cases.request([image])], max_tokens=2)
+        assert ids == expected, size
+        assert len(tokens) == 2
+
+
 @pytest.mark.parametrize(("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000})])
 def test_keep_all_is_bit_identical_to_stock(stock_llm, pruned_llm, cases, seed: int, settings: dict | None) -> None:
     assert_bit_identical(

@@ -1,4 +1,5 @@
-"""Checkpoints the pruned models cannot serve are refused when the model is built, not at a request."""
+"""A server on a checkpoint the pruned models cannot serve refuses to start, naming why
+(the config checks themselves: tests/unit/test_unsupported_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import LlavaConfig
 
-from vllm_promprune.engine.models.clip_saliency import check_clip_llava_config
 from vllm_promprune.tools.server_process import ServerProcess
 
 from .conftest import free_port
-
-
-@pytest.mark.parametrize(
-    ("overrides", "named"),
-    [
-        ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision tower 'siglip_vision_model'"),
-        ({"vision_config": {"model_type": "pixtral"}}, "vision tower 'pixtral'"),
-        ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'full'"),
-        ({"vision_feature_layer": [-2, -5]}, "vision_feature_layer [-2, -5]"),
-    ],
-)
-def test_unsupported_llava_configs_are_named(overrides: dict, named: str) -> None:
-    with pytest.raises(ValueError, match="cannot prune this LLaVA checkpoint") as error:
-        check_clip_llava_config(LlavaConfig(**overrides), "LLaVA")
-    assert named in str(error.value)
-
-
-def test_supported_llava_config_passes() -> None:
-    check_clip_llava_config(LlavaConfig(), "LLaVA")  # CLIP, 'default', layer -2
 
 
 def test_server_refuses_to_start_on_an_unsupported_checkpoint(tiny_llava: Path, tmp_path: Path) -> None:
