@@ -41,18 +41,88 @@ def serving(llm) -> Iterator[object]:
         llm.llm_engine.engine_core.shutdown()
 
 
+_LIVE_IN_PROCESS: list = []  # in-process engines of this test process, not shut down yet
+_DEFERRED_SHUTDOWN: list = []  # in-process engines done with, shut down with the last live one
+_THREADS_BEFORE_ENGINES: list[int] = []  # this process's torch threads before its first live engine
+
+
+def _start_in_process(engine_class: type, model_dir: Path, engine_args: dict) -> object:
+    """An engine whose engine core and single worker run in this process (vLLM's
+    `InprocClient` and `UniProcExecutor`, as in vLLM's own tests): about 2 s to start
+    instead of ~30 s for two spawned processes that import torch and vLLM again.
+
+    While in-process engines are live, this process computes with one torch thread, as
+    vLLM's CPU worker process does on these machines (bound to one core), so the engine's
+    floats are those of the default layout. vLLM freezes its environment cache and
+    replaces `torch.set_num_threads` while the engine starts; both are restored here, so
+    later engines and servers see this process's real environment.
+    """
+    import os
+
+    import torch
+    import vllm.envs
+
+    if not _LIVE_IN_PROCESS:
+        _THREADS_BEFORE_ENGINES.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+    set_num_threads, previous = torch.set_num_threads, os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = engine_class(str(model_dir), **{"distributed_executor_backend": "uni", **engine_args})
+    except BaseException:
+        if not _LIVE_IN_PROCESS:
+            torch.set_num_threads(_THREADS_BEFORE_ENGINES.pop())
+        raise
+    finally:
+        if previous is None:
+            del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        vllm.envs.disable_envs_cache()
+        torch.set_num_threads = set_num_threads
+    _LIVE_IN_PROCESS.append(llm)
+    return llm
+
+
+def _shut_down_in_process(llm) -> None:
+    """Shut `llm` down once no other in-process engine is live: an in-process engine's
+    shutdown tears down this process's distributed state, which every live engine's
+    forward reads (even at world size 1). The last one restores the thread count."""
+    import torch
+
+    _LIVE_IN_PROCESS.remove(llm)
+    _DEFERRED_SHUTDOWN.append(llm)
+    if not _LIVE_IN_PROCESS:
+        while _DEFERRED_SHUTDOWN:
+            _DEFERRED_SHUTDOWN.pop().llm_engine.engine_core.shutdown()
+        torch.set_num_threads(_THREADS_BEFORE_ENGINES.pop())
+
+
 @contextmanager
-def offline_engine(model_dir: Path, engine_args: dict, *, pruned: bool) -> Iterator[object]:
+def offline_engine(model_dir: Path, engine_args: dict, *, pruned: bool, in_process: bool = True) -> Iterator[object]:
     """A `PromPruneLLM` (or stock `vllm.LLM`) on `model_dir` that tests may ship
-    functions to with `apply_model`; its engine core is shut down after."""
+    functions to with `apply_model`; shut down after.
+
+    In process by default (`_start_in_process`), so `apply_model` functions run in this
+    process too: they must undo what they patch, and module-level state of the plugin
+    (PROFILED_SELECTIONS, metrics) is shared with every other in-process engine.
+    `in_process=False` gives vLLM's default layout (engine core and worker processes).
+    """
     if pruned:
         from vllm_promprune.engine.offline import PromPruneLLM as engine_class
     else:
         from vllm import LLM as engine_class
 
     allow_apply_model()
-    with serving(engine_class(str(model_dir), **engine_args)) as llm:
+    if not in_process:
+        with serving(engine_class(str(model_dir), **engine_args)) as llm:
+            yield llm
+        return
+    llm = _start_in_process(engine_class, model_dir, engine_args)
+    try:
         yield llm
+    finally:
+        _shut_down_in_process(llm)
 
 
 def image_request(prompt: str, images: list, settings: dict | None = None) -> dict:
@@ -420,3 +490,17 @@ class ImageCases:
 
     def request(self, images: list, settings: dict | None = None, prompt: str | None = None) -> dict:
         return image_request(self.prompt if prompt is None else prompt, images, settings)
+
+
+def assert_stock_prompts_match_transformers(stock_llm, checkpoint: Path, cases: ImageCases) -> None:
+    """Stock vLLM runs the offline checkpoint, and its prompt for a scene of each of the
+    cases' sizes is exactly what the checkpoint's transformers processor makes of it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    for size in cases.sizes:
+        image = cases.scene(size, 70)
+        expected = processor(images=[image], text=cases.prompt, return_tensors="pt")["input_ids"][0].tolist()
+        (ids, tokens), = run(stock_llm, [cases.request([image])], max_tokens=2)
+        assert ids == expected, size
+        assert len(tokens) == 2

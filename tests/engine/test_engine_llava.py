@@ -242,7 +242,8 @@ def test_memory_profile_runs_every_selection_at_the_largest_image(tiny_llava: Pa
     from vllm_promprune.methods import METHODS
     from vllm_promprune.pruning import CLS_TOWER_INPUTS, memory_profile_settings
 
-    with offline_engine(tiny_llava, {**ENGINE_ARGS, "enforce_eager": False}, pruned=True) as llm:
+    # Its own worker process: the profile's record (PROFILED_SELECTIONS) is per process.
+    with offline_engine(tiny_llava, {**ENGINE_ARGS, "enforce_eager": False}, pruned=True, in_process=False) as llm:
         (profiled,) = llm.apply_model(profiled_selections)
         (unpruned, _), (pruned, _) = run(llm, [_request(7, {"keep": None}), _request(8, {"keep": 20})], max_tokens=1)
     methods = [name for name, spec in METHODS.items() if set(spec.needs) <= CLS_TOWER_INPUTS]

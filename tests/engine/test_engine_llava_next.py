@@ -23,6 +23,7 @@ from vllm_promprune.testing.checkpoints import ANYRES_PINPOINTS
 from .conftest import (
     ImageCases,
     assert_bit_identical,
+    assert_stock_prompts_match_transformers,
     engine_tower_outputs,
     greedy_params,
     guard_noise,
@@ -112,18 +113,7 @@ def _expected(reference, images: list, settings: dict | None, prompt: str = PROM
 
 
 def test_stock_vllm_expands_prompts_like_transformers(stock_llm, tiny_llava_next: Path) -> None:
-    """The offline checkpoint runs in stock vLLM, whose prompt for a square and two
-    letterboxed images (other AnyRes grids) is exactly what the transformers processor
-    makes of it."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_llava_next)
-    for size in SIZES:
-        image = CASES.scene(size, 70)
-        expected = processor(images=[image], text=PROMPT, return_tensors="pt")["input_ids"][0].tolist()
-        (ids, tokens), = run(stock_llm, [CASES.request([image])], max_tokens=2)
-        assert ids == expected, size
-        assert len(tokens) == 2
+    assert_stock_prompts_match_transformers(stock_llm, tiny_llava_next, CASES)  # square and two letterboxed grids
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from vllm_promprune.testing.synthetic import scene_image
 from .conftest import (
     ImageCases,
     assert_bit_identical,
+    assert_stock_prompts_match_transformers,
     engine_tower_outputs,
     greedy_params,
     guard_noise,
@@ -165,9 +166,9 @@ VIDEO_T_STEP = 4  # second_per_grid_ts (2 frames / 2 fps) x tokens_per_second (4
 
 
 @contextmanager
-def _recording_engine(model: Path, *, pruned: bool, **overrides: float) -> Iterator[object]:
+def _recording_engine(model: Path, *, pruned: bool, in_process: bool = True, **overrides: float) -> Iterator[object]:
     """An engine whose worker records the positions of every forward pass."""
-    with offline_engine(model, {**ENGINE_ARGS, **overrides}, pruned=pruned) as llm:
+    with offline_engine(model, {**ENGINE_ARGS, **overrides}, pruned=pruned, in_process=in_process) as llm:
         llm.apply_model(start_recording_positions)
         yield llm
 
@@ -229,17 +230,7 @@ def _solo_with_positions(llm, request: dict, max_tokens: int = 8):  # noqa: ANN2
 
 
 def test_stock_vllm_expands_prompts_like_transformers(stock_llm, checkpoint: Path, cases) -> None:
-    """The offline checkpoint runs in stock vLLM, whose prompt for a square, a wide and a
-    tall image is exactly what the transformers processor makes of it."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    for size in SIZE_NAMES:
-        image = cases.scene(size, 70)
-        expected = processor(images=[image], text=PROMPT, return_tensors="pt")["input_ids"][0].tolist()
-        (ids, tokens), = run(stock_llm, [cases.request([image])], max_tokens=2)
-        assert ids == expected, size
-        assert len(tokens) == 2
+    assert_stock_prompts_match_transformers(stock_llm, checkpoint, cases)  # square, wide, tall
 
 
 @pytest.mark.parametrize(("seed", "settings"), [(20, None), (21, {"ratio": 1.0}), (22, {"keep": 100_000})])
@@ -347,7 +338,8 @@ def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl:
     reference = load_reference(tiny_qwen2_5_vl)
     images = FAMILIES["qwen2.5-vl"].images
     image = images.cases.textured("wide")
-    with _recording_engine(tiny_qwen2_5_vl, pruned=True, enforce_eager=False) as llm:
+    # Its own worker process: the profile's record (PROFILED_SELECTIONS) is per process.
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True, in_process=False, enforce_eager=False) as llm:
         ids, tokens, positions = _solo_with_positions(llm, images.cases.request([image], GRID_SETTINGS))
         (profiled,) = llm.apply_model(profiled_selections)
         (max_tokens,) = llm.apply_model(largest_image_tokens)

@@ -34,7 +34,7 @@ def _llava_request(seed: int, settings: dict | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def qwen_pruned(tiny_qwen2_5_vl: Path) -> Iterator[object]:
-    with _recording_engine(tiny_qwen2_5_vl, pruned=True, **GPU_ARGS) as llm:
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True, in_process=False, **GPU_ARGS) as llm:
         yield llm
 
 
@@ -49,7 +49,8 @@ def test_keep_all_is_bit_identical_to_stock_with_cuda_graphs(
          [cases.request([cases.scene("wide", s)], settings) for s in (0, 1)]),
     ]:
         engine_args = {**GPU_ARGS, "max_model_len": 4096}
-        with offline_engine(model, engine_args, pruned=False) as stock, offline_engine(model, engine_args, pruned=True) as pruned:
+        with (offline_engine(model, engine_args, pruned=False, in_process=False) as stock,
+              offline_engine(model, engine_args, pruned=True, in_process=False) as pruned):
             assert_bit_identical(stock, pruned, stock_requests, pruned_requests)
 
 
