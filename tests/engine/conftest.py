@@ -103,9 +103,10 @@ def offline_engine(model_dir: Path, engine_args: dict, *, pruned: bool, in_proce
     """A `PromPruneLLM` (or stock `vllm.LLM`) on `model_dir` that tests may ship
     functions to with `apply_model`; shut down after.
 
-    In process by default (`_start_in_process`), so `apply_model` functions run in this
-    process too: they must undo what they patch, and module-level state of the plugin
-    (PROFILED_SELECTIONS, metrics) is shared with every other in-process engine.
+    In process by default (`_start_in_process`): the engine core always, the worker too
+    unless `engine_args` name another executor (TP: "mp"). `apply_model` functions then
+    run in this process: they must undo what they patch, and module-level state of the
+    plugin (PROFILED_SELECTIONS, metrics) is shared with every other in-process engine.
     `in_process=False` gives vLLM's default layout (engine core and worker processes).
     """
     if pruned:
@@ -214,6 +215,14 @@ def take_recorded_buffers(model) -> list[tuple[bool, bool, bool]]:
     model.forward, model.language_model.model.forward, recorded = model.recorded_buffers
     del model.recorded_buffers
     return recorded
+
+
+def forget_profiled_selections() -> None:
+    """Clear this process's record of memory-profile selections (before starting an
+    in-process engine whose own profile a test reads with `profiled_selections`)."""
+    from vllm_promprune.engine.models.common import PROFILED_SELECTIONS
+
+    PROFILED_SELECTIONS.clear()
 
 
 def profiled_selections(model) -> list[tuple[str, int, int, int]]:

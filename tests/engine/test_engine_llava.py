@@ -19,6 +19,7 @@ from vllm_promprune.testing.synthetic import scene_image, textured_image
 from .conftest import (
     assert_bit_identical,
     engine_tower_outputs,
+    forget_profiled_selections,
     greedy_params,
     guard_noise,
     jittered,
@@ -242,8 +243,8 @@ def test_memory_profile_runs_every_selection_at_the_largest_image(tiny_llava: Pa
     from vllm_promprune.methods import METHODS
     from vllm_promprune.pruning import CLS_TOWER_INPUTS, memory_profile_settings
 
-    # Its own worker process: the profile's record (PROFILED_SELECTIONS) is per process.
-    with offline_engine(tiny_llava, {**ENGINE_ARGS, "enforce_eager": False}, pruned=True, in_process=False) as llm:
+    forget_profiled_selections()  # the engine runs in this process: only its own profile counts
+    with offline_engine(tiny_llava, {**ENGINE_ARGS, "enforce_eager": False}, pruned=True) as llm:
         (profiled,) = llm.apply_model(profiled_selections)
         (unpruned, _), (pruned, _) = run(llm, [_request(7, {"keep": None}), _request(8, {"keep": 20})], max_tokens=1)
     methods = [name for name, spec in METHODS.items() if set(spec.needs) <= CLS_TOWER_INPUTS]

@@ -35,6 +35,7 @@ from .conftest import (
     assert_bit_identical,
     assert_stock_prompts_match_transformers,
     engine_tower_outputs,
+    forget_profiled_selections,
     greedy_params,
     guard_noise,
     jittered,
@@ -338,8 +339,8 @@ def test_compiled_engine_gives_kept_tokens_their_grid_positions(tiny_qwen2_5_vl:
     reference = load_reference(tiny_qwen2_5_vl)
     images = FAMILIES["qwen2.5-vl"].images
     image = images.cases.textured("wide")
-    # Its own worker process: the profile's record (PROFILED_SELECTIONS) is per process.
-    with _recording_engine(tiny_qwen2_5_vl, pruned=True, in_process=False, enforce_eager=False) as llm:
+    forget_profiled_selections()  # the engine runs in this process: only its own profile counts
+    with _recording_engine(tiny_qwen2_5_vl, pruned=True, enforce_eager=False) as llm:
         ids, tokens, positions = _solo_with_positions(llm, images.cases.request([image], GRID_SETTINGS))
         (profiled,) = llm.apply_model(profiled_selections)
         (max_tokens,) = llm.apply_model(largest_image_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from vllm_promprune.testing.synthetic import textured_image
 
-from .conftest import CPU_HAS_AVX512, image_request, run, serving
+from .conftest import CPU_HAS_AVX512, image_request, offline_engine, run
 
 LLAVA_PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 QWEN_PROMPT = (
@@ -70,13 +71,14 @@ def take_recorded_selections(model) -> list:
     return taken
 
 
-def _engine(model: Path, tensor_parallel_size: int):  # noqa: ANN202
-    from vllm_promprune.engine.offline import PromPruneLLM
-
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships test functions to the workers
-    llm = PromPruneLLM(str(model), tensor_parallel_size=tensor_parallel_size, **ENGINE_ARGS)
-    llm.apply_model(start_recording_selections)
-    return llm
+@contextmanager
+def _engine(model: Path, tensor_parallel_size: int) -> Iterator[object]:
+    """A pruned engine whose ranks are worker processes (the engine core runs in this
+    process) and record their selections."""
+    engine_args = {**ENGINE_ARGS, "tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
+    with offline_engine(model, engine_args, pruned=True) as llm:
+        llm.apply_model(start_recording_selections)
+        yield llm
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +113,9 @@ def _check_family(model: Path, requests: list[dict], keeps: list[int], *, agains
     """TP=2 ranks select alike and prompts are text + K; with `against_tp1` (AVX-512 CPUs,
     where it was measured), a TP=1 engine selects the same tokens as TP=2."""
     if against_tp1:
-        with serving(_engine(model, 1)) as llm:
+        with _engine(model, 1) as llm:
             (single,), _ = _selections_and_outputs(llm, requests)
-    with serving(_engine(model, 2)) as llm:
+    with _engine(model, 2) as llm:
         (rank0, rank1), outputs = _selections_and_outputs(llm, requests)
         unpruned = run(llm, [{**requests[0], "mm_processor_kwargs": {"promprune": {"keep": None}}}], max_tokens=1)[0][0]
         config = llm.llm_engine.model_config.hf_config
