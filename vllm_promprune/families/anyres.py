@@ -140,7 +140,7 @@ def prune_anyres_images(
 
     Per image, `tower` holds its views: hidden [V, side^2 + 1, Dv] (CLS first),
     saliency [V, side^2], keys [V, side^2 + 1, Dk]. Call only with images whose
-    `settings.prunes(layout.num_content)`. The callbacks are `prune_images'`.
+    `settings.prunes(layout.num_content)`. The callbacks are `prune_images`'.
 
     Every selection (the whole image in `global` mode, one view in `per_crop`) with
     the same number of candidates runs in one batch, across views and images (e.g.
