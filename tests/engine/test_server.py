@@ -1,14 +1,24 @@
-"""`vllm-promprune serve` end to end: a live OpenAI server on the tiny checkpoint."""
+"""`vllm-promprune serve` end to end: a live OpenAI server on the tiny checkpoint.
+
+One server serves the module, started the way a newcomer starts it: with the CPU demo
+preset, in an environment holding only PATH and HOME (the CLI applies vLLM's CPU defaults
+itself), and `eval` runs against it too.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from vllm_promprune.testing.synthetic import scene_image
+from vllm_promprune.testing.synthetic import scene_image, textured_image
+from vllm_promprune.tools import server_process
+from vllm_promprune.tools.cli import main
+from vllm_promprune.tools.cpu_defaults import vllm_runs_on_cpu
 from vllm_promprune.tools.demo import chat_request, image_data_url
 from vllm_promprune.tools.server_process import ServerProcess
 
@@ -25,9 +35,21 @@ def server(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # The CPU demo preset, with its default budget changed on the command line.
     # No --trust-request-mm-kwargs: pruning keys need no trust.
     args = ["--config", str(PRESET), "--keep", str(SERVER_DEFAULT_KEEP)]
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
+    if "PYTHONPATH" in os.environ:  # the checkout under test (e.g. a worktree beside the venv's editable install)
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(str(tiny_llava), args, free_port(), log) as process:
+    with ServerProcess(str(tiny_llava), args, free_port(), log, env, inherit_env=False) as process:
         yield process
+
+
+@pytest.mark.skipif(not vllm_runs_on_cpu(), reason="the defaults apply to vLLM's CPU backend only")
+def test_serve_applies_the_cpu_defaults_itself(server: ServerProcess) -> None:
+    # Without them vLLM's CPU backend refuses to start on these machines ("Available memory on
+    # node 0 ... is less than desired CPU memory utilization"), as it did for a newcomer who
+    # had not sourced scripts/env.sh (issue #24). The server answering at all is the rest.
+    assert set(server.env) <= {"PATH", "HOME", "PYTHONPATH"}
+    assert "VLLM_CPU_KVCACHE_SPACE=1" in server.log_path.read_text()  # the CLI says which defaults it applied
 
 
 def _chat(server: ServerProcess, settings: dict | None, seed: int = 0, **extra: object) -> requests.Response:
@@ -141,3 +163,82 @@ def test_metrics_count_tokens_before_and_after_and_time_selection(server: Server
     assert delta('vllm:promprune_visual_tokens_after_total{method="fps"}') == 16
     assert delta('vllm:promprune_selection_seconds_count{method="fps"}') == 1
     assert delta('vllm:promprune_selection_seconds_sum{method="fps"}') > 0
+
+
+def _eval_data(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for seed in range(3):
+        textured_image(seed).save(images / f"textured-{seed}.png")
+        scene_image(seed).save(images / f"scene-{seed}.jpg")
+        lines.append({"image": f"images/textured-{seed}.png", "question": "What is shown?",
+                      "answer": "no random-weight model says this"})
+        lines.append({"image": f"images/scene-{seed}.jpg", "question": "Describe the shapes."})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return data
+
+
+def test_eval_reports_retention_accuracy_and_throughput(server: ServerProcess, tmp_path: Path) -> None:
+    data = _eval_data(tmp_path)
+    bench = tmp_path / "bench.json"  # a bench-serve run's rows, for the plot's throughput axis
+    bench.write_text(json.dumps([{"budget": b, "method": m, "concurrency": 4, "request_throughput": t}
+                                 for b, m, t in [("none", "none", 1.0), ("100000", "promprune", 1.0),
+                                                 ("8", "promprune", 2.5), ("8", "uniform", 2.6)]]))
+    out = tmp_path / "out"
+
+    main(["eval", "--data", str(data), "--url", server.url, "--budgets", "100000", "8",
+          "--methods", "promprune", "uniform", "--mu", "0.0", "1.0", "--max-tokens", "6", "--concurrency", "4",
+          "--bench-serve", str(bench), "--bench-concurrency", "4", "--out", str(out)])
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report["records"] == 6
+    results = {(r["budget"], r["method"], r["mu"]): r for r in report["results"]}
+    pruned = [("promprune", 0.0), ("promprune", 1.0), ("uniform", None)]
+    assert list(results) == [("none", "none", None)] + [(b, m, mu) for b in ("100000", "8") for m, mu in pruned]
+    unpruned = results["none", "none", None]
+    assert unpruned["retention"] == 1.0 and len(unpruned["answers"]) == 6
+    for method, mu in pruned:  # keep >= N: the image is not pruned, every answer is retained
+        assert results["100000", method, mu]["retention"] == 1.0
+        assert results["100000", method, mu]["answers"] == unpruned["answers"]
+        assert results["100000", method, mu]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"]
+        assert results["8", method, mu]["mean_prompt_tokens"] == unpruned["mean_prompt_tokens"] - NUM_TOKENS + 8
+    # mu reaches the server: all-coverage (0.0) and all-saliency (1.0) keep different tokens on these images.
+    assert results["8", "promprune", 0.0]["answers"] != results["8", "promprune", 1.0]["answers"]
+    for result in results.values():
+        assert result["exact"] == 0.0 and result["contains"] == 0.0  # judged on the 3 records with an answer
+        assert 0.0 <= result["retention"] <= 1.0 and result["requests_per_s"] > 0
+    table = (out / "eval.md").read_text()
+    assert table.count("\n") == 9 and "| 8 | uniform |" in table and "| 8 | promprune mu=1 |" in table
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_serves_the_checkpoint_it_is_given(server: ServerProcess, tiny_llava: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --model-dir` starts a server on the checkpoint and evaluates against it; this
+    # module's server (same checkpoint) stands in for a second one started just for this.
+    started = []
+
+    class ModuleServer:
+        def __init__(self, model: str, serve_args: list[str], port: int, log_path: Path) -> None:
+            started.append((model, serve_args, port))
+
+        def __enter__(self) -> ServerProcess:
+            return server
+
+        def __exit__(self, *exc_info: object) -> None:
+            return None
+
+    monkeypatch.setattr(server_process, "ServerProcess", ModuleServer)
+    out = tmp_path / "out"
+    main(["eval", "--data", str(_eval_data(tmp_path)), "--model-dir", str(tiny_llava), "--served-model-name",
+          MODEL_NAME, "--budgets", "8", "--methods", "uniform", "--max-tokens", "2", "--port", "8799",
+          "--out", str(out)])
+    [(model, serve_args, port)] = started
+    assert (model, port) == (str(tiny_llava), 8799)
+    assert serve_args[serve_args.index("--served-model-name") + 1] == MODEL_NAME
+    report = json.loads((out / "eval.json").read_text())
+    assert [(r["budget"], r["method"]) for r in report["results"]] == [("none", "none"), ("8", "uniform")]
+    unpruned, pruned = (r["mean_prompt_tokens"] for r in report["results"])
+    assert pruned == unpruned - NUM_TOKENS + 8

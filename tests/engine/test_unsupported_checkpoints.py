@@ -1,28 +1,49 @@
-"""A server on a checkpoint the pruned models cannot serve refuses to start, naming why
-(the config checks themselves: tests/unit/test_unsupported_checkpoints.py)."""
+"""A checkpoint the pruned models cannot serve is refused, naming why: by `vllm-promprune serve`
+before vLLM starts, and by the pruned model when vLLM builds it (the config checks themselves:
+tests/unit/test_unsupported_checkpoints.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from vllm_promprune.tools.server_process import ServerProcess
+from vllm_promprune.tools import cli
 
-from .conftest import free_port
+from .conftest import offline_engine
+
+REFUSAL = "vllm-promprune cannot prune this LLaVA checkpoint: vision_feature_select_strategy 'full'"
 
 
-def test_server_refuses_to_start_on_an_unsupported_checkpoint(tiny_llava: Path, tmp_path: Path) -> None:
-    model = tmp_path / "llava-full-strategy"
+@pytest.fixture(scope="module")
+def full_strategy_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tmp_path_factory.mktemp("unsupported") / "llava-full-strategy"
     shutil.copytree(tiny_llava, model)
     config = json.loads((model / "config.json").read_text())
     config["vision_feature_select_strategy"] = "full"
     (model / "config.json").write_text(json.dumps(config))
-    port = free_port()
-    server = ServerProcess(str(model), ["--enforce-eager", "--dtype", "float32", "--keep", "8"], port, tmp_path / "log")
-    with pytest.raises(RuntimeError, match="server exited"):
-        server.start(timeout=300)
-    log = (tmp_path / "log").read_text(errors="replace")
-    assert "vllm-promprune cannot prune this LLaVA checkpoint: vision_feature_select_strategy 'full'" in log
+    return model
+
+
+def test_serve_refuses_before_vllm_starts(full_strategy_llava: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def vllm_started(argv: list[str]) -> None:
+        raise AssertionError(f"vLLM serve started on an unsupported checkpoint: {argv}")
+
+    monkeypatch.setattr(cli, "run_vllm_serve", vllm_started)
+    environment = dict(os.environ)  # serve applies the CPU defaults to this process's environment
+    try:
+        with pytest.raises(SystemExit, match=REFUSAL):
+            cli.main(["serve", str(full_strategy_llava), "--enforce-eager", "--keep", "8"])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def test_pruned_model_refuses_when_vllm_builds_it(full_strategy_llava: Path) -> None:
+    # What `vllm serve --hf-overrides ...` (without the CLI's check) and the offline engine meet.
+    with pytest.raises(Exception, match=REFUSAL):
+        with offline_engine(full_strategy_llava, {"enforce_eager": True, "max_model_len": 2048}, pruned=True):
+            pass

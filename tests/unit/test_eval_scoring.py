@@ -1,4 +1,5 @@
-"""`vllm-promprune eval`: reading records, scoring answers, joining bench-serve throughput."""
+"""`vllm-promprune eval`: arguments, reading records, scoring answers, joining bench-serve throughput
+(a run against a live server: tests/engine/test_server.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_promprune.tools.cli import main
 from vllm_promprune.tools.evaluate import (
     Record,
     Setting,
@@ -89,3 +91,12 @@ def test_grid_runs_unpruned_first_and_promprune_once_per_mu() -> None:
     assert grid == [Setting("none", "none"), Setting("64", "promprune", 0.3), Setting("64", "promprune", 0.6),
                     Setting("64", "uniform")]
     assert [setting.label for setting in grid[1:]] == ["promprune mu=0.3", "promprune mu=0.6", "uniform"]
+
+
+def test_eval_needs_a_server_or_a_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"image": "https://example.com/a.jpg", "question": "Q"}\n')
+    with pytest.raises(SystemExit, match="give --url"):
+        main(["eval", "--data", str(data), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--budgets takes positive integers"):
+        main(["eval", "--data", str(data), "--url", "http://127.0.0.1:9", "--budgets", "0"])

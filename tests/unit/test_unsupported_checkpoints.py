@@ -1,5 +1,5 @@
 """Checkpoints the pruned models cannot serve are refused when the model is built, not at a request
-(a server refusing to start: tests/engine/test_unsupported_checkpoints.py)."""
+(`vllm-promprune serve` and vLLM refusing one: tests/engine/test_unsupported_checkpoints.py)."""
 
 from __future__ import annotations
 

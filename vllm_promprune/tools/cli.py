@@ -58,6 +58,7 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
         raise SystemExit(f"vllm-promprune serve: {error}") from None
 
     architecture = stock_architecture(args.model)
+    refuse_unsupported_checkpoint(args.model, architecture, overrides)
     if architecture not in PRUNED_ARCHITECTURES.values() and not overrides.get("architectures"):
         overrides.update(hf_overrides(architecture))
     if default:
@@ -65,6 +66,25 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     installed = MIDDLEWARE in vllm_args or MIDDLEWARE in preset_middleware
     middleware = [] if installed else ["--middleware", MIDDLEWARE]
     return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *vllm_args]
+
+
+def refuse_unsupported_checkpoint(model: str, architecture: str, overrides: dict[str, object]) -> None:
+    """Exit naming why, before vLLM starts, on a checkpoint the pruned model would refuse at init.
+
+    The pruned model checks the same config when vLLM builds it (after ~30 s of start-up);
+    overrides that change the config itself are left to that check, which sees them applied.
+    """
+    from ..engine.models.clip_saliency import CLIP_LLAVA_FAMILIES, check_clip_llava_config
+
+    family = CLIP_LLAVA_FAMILIES.get(architecture)
+    if family is None or set(overrides) - {"architectures", SETTINGS_KEY}:
+        return
+    from transformers import AutoConfig
+
+    try:
+        check_clip_llava_config(AutoConfig.from_pretrained(model), family)
+    except ValueError as error:
+        raise SystemExit(f"vllm-promprune serve: {error}") from None
 
 
 def run_vllm_serve(argv: list[str]) -> None:
@@ -249,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--data", required=True, help="JSONL: image (path or URL), question, optional answer(s)")
     quality.add_argument("--url", default=None, help="a running pruning-enabled server")
     quality.add_argument("--model-dir", default=None, help="or a checkpoint to serve for the run")
-    quality.add_argument("--served-model-name", default=None, help="model name at --url (default: its first model)")
+    quality.add_argument("--served-model-name", default=None,
+                         help="model name at --url (default: its first model), or to serve with --model-dir (default: eval)")
     quality.add_argument("--budgets", nargs="+", default=["256", "128", "64"], help="keep values (no pruning always runs)")
     quality.add_argument("--methods", nargs="+", default=["promprune", "divprune", "uniform"])
     quality.add_argument("--mu", nargs="+", type=float, default=None,

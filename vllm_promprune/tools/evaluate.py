@@ -293,10 +293,11 @@ def main(args: argparse.Namespace) -> None:
     else:
         from .server_process import ServerProcess
 
-        serve_args = ["--enforce-eager", "--max-model-len", str(args.max_model_len), "--served-model-name", SERVED_NAME,
+        name = args.served_model_name or SERVED_NAME
+        serve_args = ["--enforce-eager", "--max-model-len", str(args.max_model_len), "--served-model-name", name,
                       "--limit-mm-per-prompt", '{"image": 1, "video": 0}']
         with ServerProcess(args.model_dir, serve_args, args.port, out / "server.log") as server:
-            results = evaluate(server.url, SERVED_NAME)
+            results = evaluate(server.url, name)
     (out / "eval.json").write_text(json.dumps(
         {"data": str(args.data), "records": len(records), "results": [asdict(r) for r in results]}, indent=2) + "\n")
     table = markdown(results)

@@ -16,9 +16,13 @@ from vllm.model_executor.models.clip import CLIPVisionModel
 
 from ...pruning import TowerOutput
 
+CLIP_LLAVA_FAMILIES = {"LlavaForConditionalGeneration": "LLaVA", "LlavaNextForConditionalGeneration": "LLaVA-NeXT"}
+"""Stock architectures whose pruned variant reads saliency from a CLIP tower, and their family names."""
+
 
 def check_clip_llava_config(config: Any, family: str) -> None:
-    """Refuse, at model init, a LLaVA-like checkpoint this module cannot read saliency from.
+    """Refuse a LLaVA-like checkpoint this module cannot read saliency from (at model init,
+    and in `vllm-promprune serve` before vLLM starts).
 
     Raises ValueError naming every unsupported setting: a vision tower other than
     CLIP (SigLIP and Pixtral have no CLS token), `vision_feature_select_strategy`
