@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,10 +19,33 @@ from .methods import METHODS, TokenBatch, reduce_tokens
 from .methods.controls import uniform
 from .settings import PruneSettings
 
-CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields) - {"instruction"}
-"""A tower with a CLS token and saliency-layer keys (CLIP) provides every `TokenBatch` input but
-the instruction embeddings (CDPruner), which the engine does not pass to the selection yet."""
+CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields)
+"""A tower with a CLS token and saliency-layer keys (CLIP) provides every `TokenBatch` input
+(the instruction embeddings come from the language model's embedding table)."""
 CLS_TOWER_NAME = "this model's vision tower"
+
+PLACEHOLDER_CONFIG_KEYS = ("image_token_index", "image_token_id", "video_token_id", "vision_start_token_id",
+                           "vision_end_token_id")
+"""Config attributes naming image/video placeholder and delimiter tokens (not instruction text)."""
+
+
+def non_instruction_ids(tokenizer: Any, config: Any) -> frozenset[int]:
+    """Token ids that are not instruction text: the tokenizer's special tokens (BOS/EOS, and
+    added special tokens such as Qwen's chat markers <|im_start|>) and the config's
+    image/video placeholder and delimiter tokens (`PLACEHOLDER_CONFIG_KEYS`)."""
+    excluded = set(tokenizer.all_special_ids)
+    excluded |= {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+    excluded |= {getattr(config, key) for key in PLACEHOLDER_CONFIG_KEYS if getattr(config, key, None) is not None}
+    return frozenset(excluded)
+
+
+def instruction_tokens(prompt: Sequence[int], excluded: frozenset[int]) -> list[int]:
+    """A request's instruction for CDPruner: its prompt token ids without `excluded`
+    (`non_instruction_ids`), in prompt order. Chat-template text that is not a special
+    token stays (LLaVA-1.5's "USER:" / "ASSISTANT:", Qwen's role names and system prompt);
+    every user turn of a multi-turn chat is part of it."""
+    return [token for token in prompt if token not in excluded]
+
 
 SelectionFailureHandler = Callable[[PruneSettings, int, BaseException], None]
 """`on_failure(settings, num_images, error)`: told when a group's selection raised."""
@@ -59,15 +82,21 @@ class PrunedImage(NamedTuple):
     kept: torch.Tensor | None  # [K] patch index of each row; None when rows are merged or include CLS
 
 
+Instructions = Sequence[torch.Tensor | None]
+"""Per image: its instruction embeddings [M, D] (CDPruner), or None where the method reads none."""
+
+
 def prune_images(
     tower: TowerOutput,
     settings: Sequence[PruneSettings],
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
+    instructions: Instructions | None = None,
 ) -> list[torch.Tensor]:
     """Image embeddings for the LLM, one [K_b, D] tensor per image (see `prune_images_indexed`)."""
-    return [image.rows for image in prune_images_indexed(tower, settings, project, on_selection, on_failure)]
+    pruned = prune_images_indexed(tower, settings, project, on_selection, on_failure, instructions)
+    return [image.rows for image in pruned]
 
 
 def prune_towers_indexed(
@@ -76,6 +105,7 @@ def prune_towers_indexed(
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
+    instructions: Instructions | None = None,
 ) -> list[PrunedImage]:
     """`prune_images_indexed` for images whose token counts differ (Qwen-VL: one
     `TowerOutput` per image size): towers with the same N are concatenated, so their
@@ -99,7 +129,10 @@ def prune_towers_indexed(
     for members in by_kind.values():
         images = [image for t in members for image in range(first_image[t], first_image[t + 1])]
         merged = TowerOutput.cat([towers[t] for t in members])
-        pruned = prune_images_indexed(merged, [settings[image] for image in images], project, on_selection, on_failure)
+        pruned = prune_images_indexed(
+            merged, [settings[image] for image in images], project, on_selection, on_failure,
+            None if instructions is None else [instructions[image] for image in images],
+        )
         for image, result in zip(images, pruned):
             results[image] = result
     return results  # type: ignore[return-value]
@@ -111,6 +144,7 @@ def prune_images_indexed(
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
+    instructions: Instructions | None = None,
 ) -> list[PrunedImage]:
     """Image embeddings for the LLM, with the patch index of every row.
 
@@ -126,15 +160,20 @@ def prune_images_indexed(
     (the `uniform` control), so every image still returns exactly its K rows and
     the other groups are untouched; `on_failure` is told the settings, the
     number of images and the error.
+
+    `instructions` gives each image its instruction embeddings [M_i, D] for methods that
+    read one (CDPruner); images of a settings group select as one batch when their M_i agree.
     """
     patches = tower.hidden[:, 1:]
     projected = project(patches) if tower.features is None else tower.features  # [B, N, D]
     num_tokens = patches.shape[1]
     rows: list[PrunedImage | None] = [None] * len(settings)
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[str, int | None], list[int]] = {}  # (settings, instruction length) -> images
     for image, image_settings in enumerate(settings):
         if image_settings.prunes(num_tokens):
-            groups.setdefault(image_settings.model_dump_json(), []).append(image)
+            instruction = None if instructions is None else instructions[image]
+            length = None if instruction is None else instruction.shape[0]
+            groups.setdefault((image_settings.model_dump_json(), length), []).append(image)
         else:
             rows[image] = PrunedImage(projected[image], torch.arange(num_tokens, device=patches.device))
 
@@ -144,6 +183,8 @@ def prune_images_indexed(
         spec = METHODS[group_settings.method]
         if "saliency" in spec.needs and tower.saliency is None:
             raise AssertionError(f"method {group_settings.method!r} reads saliency, which the tower did not compute")
+        if "instruction" in spec.needs and (instructions is None or instructions[members[0]] is None):
+            raise AssertionError(f"method {group_settings.method!r} reads an instruction, which the images lack")
         index = torch.tensor(members, device=patches.device)
         batch = TokenBatch(
             features=projected[index],
@@ -151,6 +192,8 @@ def prune_images_indexed(
             pre_features=patches[index],
             cls_pre_feature=tower.hidden[index, 0],
             keys=None if tower.keys is None else tower.keys[index],
+            instruction=None if instructions is None or instructions[members[0]] is None
+            else torch.stack([instructions[image] for image in members]),
         )
         keep = group_settings.kept_tokens(num_tokens)
         try:
@@ -186,7 +229,7 @@ def prune_images_indexed(
     return rows  # type: ignore[return-value]
 
 
-GREEDY_METHODS = frozenset({"promprune", "coverage", "divprune", "fps", "facility_location", "vispruner"})
+GREEDY_METHODS = frozenset({"promprune", "coverage", "divprune", "fps", "facility_location", "vispruner", "cdpruner"})
 """Methods whose selection is a loop of K steps (or rounds) over N x N matrices allocated
 up front: their memory grows with K only by K-long index rows (`PROFILE_INDEX_BYTES`)."""
 PEAK_SHARE = 8

@@ -17,8 +17,20 @@ import torch
 
 from .families.anyres import anyres_layout, prune_anyres
 from .families.qwen_vision import QWEN_OPTION_DEFAULTS, merged_tower_outputs, merger_projection, received_attention
-from .pruning import TowerOutput, prune_images, prune_towers_indexed
+from .pruning import Instructions, TowerOutput, instruction_tokens, non_instruction_ids, prune_images, prune_towers_indexed
 from .settings import PruneSettings, parse_image_settings
+
+
+def instruction_embeddings(
+    model, processor, prompt_ids: Sequence[int], settings: Sequence[PruneSettings]  # noqa: ANN001 (transformers types)
+) -> list[torch.Tensor | None]:
+    """Per image: the prompt's instruction embedded by the LLM's input embedding table
+    (float32 [M, D]) where its settings read one (CDPruner), else None; as the engine does."""
+    if not any(image_settings.reads_instruction for image_settings in settings):
+        return [None] * len(settings)
+    ids = instruction_tokens(prompt_ids, non_instruction_ids(processor.tokenizer, model.config))
+    embedded = model.get_input_embeddings()(torch.tensor(ids, dtype=torch.int64)).float()
+    return [embedded if image_settings.reads_instruction else None for image_settings in settings]
 
 
 class PrunedLlavaReference:
@@ -64,10 +76,12 @@ class PrunedLlavaReference:
         return self.model.model.multi_modal_projector(tower.hidden[0, 1:]), tower.saliency[0]
 
     @torch.inference_mode()
-    def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+    def pruned_embeddings(
+        self, images: Sequence[object], settings: Sequence[PruneSettings], instructions: Instructions | None = None
+    ) -> list[torch.Tensor]:
         """The LLM's image embeddings, one [K_i, D] tensor per image."""
         tower = self.tower_output(self.pixel_values(images))
-        return prune_images(tower, settings, self.model.model.multi_modal_projector)
+        return prune_images(tower, settings, self.model.model.multi_modal_projector, instructions=instructions)
 
     @torch.inference_mode()
     def greedy(
@@ -89,7 +103,9 @@ class PrunedLlavaReference:
             (expanded prompt ids, generated token ids).
         """
         image_token = self.config.image_token_index
-        kept = self.pruned_embeddings(images, parse_image_settings(settings, len(images)))
+        image_settings = parse_image_settings(settings, len(images))
+        instructions = instruction_embeddings(self.model, self.processor, prompt_ids, image_settings)
+        kept = self.pruned_embeddings(images, image_settings, instructions)
         if sum(1 for t in prompt_ids if t == image_token) != len(kept):
             raise ValueError("prompt must contain exactly one image token per image")
 
@@ -156,17 +172,22 @@ class PrunedLlavaNextReference(PrunedLlavaReference):
         return self.model.model.multi_modal_projector(patches), tower.saliency.flatten()[layout.content_index]
 
     @torch.inference_mode()
-    def pruned_embeddings(self, images: Sequence[object], settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+    def pruned_embeddings(
+        self, images: Sequence[object], settings: Sequence[PruneSettings], instructions: Instructions | None = None
+    ) -> list[torch.Tensor]:
         processed = self.processor.image_processor(images, return_tensors="pt")
+        instructions = instructions or [None] * len(settings)
         projector = self.model.model.multi_modal_projector
         vision = self.config.vision_config
         embeddings = []
-        for pixel_values, size, image_settings in zip(processed["pixel_values"], processed["image_sizes"], settings):
+        for pixel_values, size, image_settings, instruction in zip(
+            processed["pixel_values"], processed["image_sizes"], settings, instructions
+        ):
             height, width = size.tolist()
             layout = anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
             tower = self.tower_output(pixel_values[: layout.num_views].to(self.model.dtype))
             if image_settings.prunes(layout.num_content):
-                embeddings.append(prune_anyres(tower, layout, image_settings, projector))
+                embeddings.append(prune_anyres(tower, layout, image_settings, projector, instruction=instruction))
             else:
                 (packed,), _ = self.model.model.pack_image_features(
                     [projector(tower.hidden[:, 1:])], size[None], "default", self.model.model.image_newline
@@ -286,7 +307,10 @@ class PrunedQwen2VLReference:
 
         columns, rows, kept, cursor, first_token = [], [], [], 0, 0
         # Images of equal size select as one batch (the result is each image's own).
-        pruned_images = prune_towers_indexed(towers, image_settings, merger_projection(self.model.model.visual.merger))
+        instructions = instruction_embeddings(self.model, self.processor, ids.tolist(), image_settings)
+        pruned_images = prune_towers_indexed(
+            towers, image_settings, merger_projection(self.model.model.visual.merger), instructions=instructions
+        )
         for start, tower, pruned in zip(starts, towers, pruned_images, strict=True):
             columns += [torch.arange(cursor, start), start + pruned.kept]  # kept tokens in row order
             rows.append(pruned.rows)

@@ -104,6 +104,11 @@ class PruneSettings(BaseModel):
     def has_budget(self) -> bool:
         return self.keep is not None or self.ratio is not None
 
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether an image with these settings selects by its request's instruction (CDPruner)."""
+        return self.has_budget and "instruction" in METHODS[self.method].needs
+
     def prunes(self, num_tokens: int) -> bool:
         return self.kept_tokens(num_tokens) < num_tokens
 

@@ -23,7 +23,14 @@ OPTION_VARIANTS = {
     "promprune": [{}, {"mu": 0.0}, {"mu": 1.0}, {"mu": 0.9, "tau": 0.2}, {"coverage": "fps"}, {"coverage": "fl"},
                   {"entropy": "attention"}, {"entropy": "feature_norm"}, {"fixed_share": 0.5}],
     "prunesid": [{}, {"pca": "lowrank"}],
+    "cdpruner": [{}, {"theta": 0.5}, {"relevance_sign": -1}],
 }
+
+
+def instruction_lengths(tokens: int) -> tuple[int, ...]:
+    """CDPruner's instruction lengths M checked: the profile's one token, a short question,
+    and 3 N (longer than the image, so the relevance runs in row blocks)."""
+    return 1, 7, 3 * tokens
 
 
 def _clustered_batch(batch: int, tokens: int, width: int, pre_width: int, seed: int) -> TokenBatch:
@@ -41,6 +48,7 @@ def _clustered_batch(batch: int, tokens: int, width: int, pre_width: int, seed: 
         pre_features=clustered(pre_width),
         cls_pre_feature=torch.randn(batch, pre_width, generator=g),
         keys=torch.randn(batch, tokens + 1, 64, generator=g),
+        instruction=torch.randn(batch, 1, width, generator=g),  # the profile's one-token instruction
     )
 
 
@@ -61,4 +69,10 @@ def test_profile_covers_every_budget_and_option(tower_inputs: frozenset[str], to
         for keep in sorted({1, 2, tokens // 4, tokens // 2, tokens - 1}):
             for options in OPTION_VARIANTS.get(method, [{}]):
                 unprofiled = PROFILE_INDEX_BYTES * len(batch.features) * max(0, keep - profile_keep(method, tokens))
-                assert _peak(batch, method, keep, options) <= worst + unprofiled, (method, keep, options, worst)
+                for length in instruction_lengths(tokens) if "instruction" in METHODS[method].needs else (1,):
+                    instruction = torch.randn(len(batch.features), length, width)
+                    # Beyond the profile: one copy of the instruction (its unit rows), as large as
+                    # its embeddings, which are the prompt's own (not an N x N matrix).
+                    copy = instruction.numel() * 4
+                    peak = _peak(batch._replace(instruction=instruction), method, keep, options)
+                    assert peak <= worst + unprofiled + copy, (method, keep, options, length, worst)

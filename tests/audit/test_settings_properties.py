@@ -23,13 +23,12 @@ from vllm_promprune.families.anyres import anyres_layout, prune_anyres
 from vllm_promprune.families.qwen_vision import QWEN_OPTION_DEFAULTS, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, grid_offsets
 from vllm_promprune.methods import METHODS
 from vllm_promprune.methods.controls import MAX_SEED
-from vllm_promprune.pruning import TowerOutput, prune_images, prune_images_indexed
+from vllm_promprune.pruning import CLS_TOWER_INPUTS, TowerOutput, prune_images, prune_images_indexed
 from vllm_promprune.settings import MAX_KEEP, PruneSettings, parse_image_settings
 
 SIDE = 8  # patches per view side: LLaVA layout at a small scale (CLS + SIDE^2 patches)
 NUM_PATCHES = SIDE * SIDE
 PRE_WIDTH, WIDTH, KEY_WIDTH = 24, 40, 8
-ALL_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features", "cls_pre_feature", "keys"})
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EVERY_METHOD = pytest.mark.parametrize("method", [*sorted(METHODS), "prunesid_dyn", "nope"])
 
@@ -102,7 +101,7 @@ def _accepted(
     raw: dict[str, object],
     num_images: int,
     default: dict[str, object] | None,
-    inputs: frozenset[str] = ALL_TOWER_INPUTS,
+    inputs: frozenset[str] = CLS_TOWER_INPUTS,
     tower_name: str = "the tower",
     option_defaults: dict[str, object] | None = None,
 ) -> list[PruneSettings] | None:
@@ -134,21 +133,33 @@ def _project(tokens: torch.Tensor) -> torch.Tensor:
         return PROJECTOR(tokens)
 
 
+INSTRUCTIONS = st.tuples(st.integers(1, 40), st.booleans())
+"""(M, all-zero rows): the instruction embeddings an image's request gives (CDPruner); any
+prompt with text gives M >= 1 (the processor refuses text-free prompts for CDPruner)."""
+
+
+def _instructions(parsed: list[PruneSettings], instruction: tuple[int, bool], seed: int) -> list[torch.Tensor | None]:
+    length, zero = instruction
+    rows = torch.zeros(length, WIDTH) if zero else torch.randn(length, WIDTH, generator=torch.Generator().manual_seed(seed))
+    return [rows if image_settings.reads_instruction else None for image_settings in parsed]
+
+
 DEFAULTS = st.one_of(st.none(), st.just({"keep": 16}), st.just({"keep": 16, "mu": 0.3, "method": "promprune"}))
 
 
 @EVERY_METHOD
 @PROPERTY_SETTINGS
-@given(data=st.data(), default=DEFAULTS, num_images=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(data=st.data(), default=DEFAULTS, num_images=st.integers(1, 3), seed=st.integers(0, 2**16),
+       instruction=INSTRUCTIONS)
 def test_llava_accepts_only_what_runs(
-    method: str, data: st.DataObject, default: dict | None, num_images: int, seed: int
+    method: str, data: st.DataObject, default: dict | None, num_images: int, seed: int, instruction: tuple[int, bool]
 ) -> None:
     raw = data.draw(raw_settings(NUM_PATCHES, method))
     parsed = _accepted(raw, num_images, default)
     if parsed is None:
         return
     tower = _tower(num_images, NUM_PATCHES, torch.Generator().manual_seed(seed))
-    rows = prune_images(tower, parsed, _project)
+    rows = prune_images(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
     for image_rows, image_settings in zip(rows, parsed, strict=True):
         assert image_rows.shape == (image_settings.placeholders(NUM_PATCHES, NUM_PATCHES), WIDTH)
         assert torch.isfinite(image_rows).all()
@@ -163,9 +174,10 @@ IMAGE_SIZES = [(2 * VIEW, 2 * VIEW), (VIEW, 2 * VIEW), (3 * VIEW // 2, 2 * VIEW)
 
 @EVERY_METHOD
 @PROPERTY_SETTINGS
-@given(data=st.data(), default=DEFAULTS, size=st.sampled_from(IMAGE_SIZES), seed=st.integers(0, 2**16))
+@given(data=st.data(), default=DEFAULTS, size=st.sampled_from(IMAGE_SIZES), seed=st.integers(0, 2**16),
+       instruction=INSTRUCTIONS)
 def test_llava_next_accepts_only_what_runs(
-    method: str, data: st.DataObject, default: dict | None, size: tuple[int, int], seed: int
+    method: str, data: st.DataObject, default: dict | None, size: tuple[int, int], seed: int, instruction: tuple[int, bool]
 ) -> None:
     raw = data.draw(raw_settings(5 * NUM_PATCHES, method))
     layout = anyres_layout(*size, PINPOINTS, VIEW, 14)
@@ -173,15 +185,17 @@ def test_llava_next_accepts_only_what_runs(
     if parsed is None or not parsed[0].prunes(layout.num_content):
         return
     tower = _tower(layout.num_views, NUM_PATCHES, torch.Generator().manual_seed(seed))
-    rows = prune_anyres(tower, layout, parsed[0], _project)
+    (image_instruction,) = _instructions(parsed, instruction, seed)
+    rows = prune_anyres(tower, layout, parsed[0], _project, instruction=image_instruction)
     assert rows.shape == (parsed[0].kept_tokens(layout.num_content), WIDTH)
 
 
 @EVERY_METHOD
 @PROPERTY_SETTINGS
-@given(data=st.data(), default=DEFAULTS, grid=st.sampled_from([(1, 1), (1, 2), (3, 5), (8, 8)]), seed=st.integers(0, 2**16))
+@given(data=st.data(), default=DEFAULTS, grid=st.sampled_from([(1, 1), (1, 2), (3, 5), (8, 8)]), seed=st.integers(0, 2**16),
+       instruction=INSTRUCTIONS)
 def test_qwen_accepts_only_what_runs(
-    method: str, data: st.DataObject, default: dict | None, grid: tuple[int, int], seed: int
+    method: str, data: st.DataObject, default: dict | None, grid: tuple[int, int], seed: int, instruction: tuple[int, bool]
 ) -> None:
     raw = data.draw(raw_settings(NUM_PATCHES, method))
     num_tokens = grid[0] * grid[1]
@@ -190,7 +204,7 @@ def test_qwen_accepts_only_what_runs(
         return
     tower = _tower(1, num_tokens, torch.Generator().manual_seed(seed), keys=False)
     tower = TowerOutput(torch.cat([torch.zeros_like(tower.hidden[:, :1]), tower.hidden[:, 1:]], dim=1), tower.saliency, None)
-    (pruned,) = prune_images_indexed(tower, parsed, _project)
+    (pruned,) = prune_images_indexed(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
     assert pruned.rows.shape == (parsed[0].kept_tokens(num_tokens), WIDTH)
     offsets = grid_offsets(pruned.kept, grid[1])
     assert offsets[:, 1].max() < grid[0] and offsets[:, 2].max() < grid[1]

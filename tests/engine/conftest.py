@@ -433,6 +433,17 @@ def selections(prune, tower) -> list:
     return record
 
 
+def engine_selections(llm, requests: list[dict]) -> list[list]:
+    """Every choice (`recorded_selections`) the in-process engine makes for each request, run
+    alone (its selection runs in this process); each request must miss the caches."""
+    chosen = []
+    for request in requests:
+        with recorded_selections() as record:
+            run(llm, [request], max_tokens=1)
+        chosen.append(record)
+    return chosen
+
+
 def same_selections(a: list, b: list) -> bool:
     import torch
 

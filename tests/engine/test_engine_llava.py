@@ -26,9 +26,11 @@ from .conftest import (
     max_differences,
     offline_engine,
     profiled_selections,
+    recorded_selections,
     run,
     same_selections,
     selections,
+    tower_runs,
 )
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
@@ -69,7 +71,14 @@ REFERENCE_SETTINGS = [
     {"keep": 32, "method": "saliency"},
     {"keep": 32, "method": "random", "seed": 3},
     {"keep": 32, "method": "uniform"},
+    {"keep": 32, "method": "cdpruner"},  # by PROMPT's instruction (more questions: QUESTIONS)
 ]
+# CDPruner selects by the instruction: the same images under two other questions.
+QUESTIONS = (
+    "USER: <image>\nWhat colour is the car on the left? ASSISTANT:",
+    "USER: <image>\nRead the text on the sign. ASSISTANT:",
+)
+CDPRUNER = {"keep": 32, "method": "cdpruner"}
 # Textured, {"keep": 16}: all DPP. The seeds in 12-39 whose selection did not move under
 # 64x the guard's noise (5 draws per scale); seed 16 (first moves at 64x in 5 draws)
 # moved once in the guard's 177 draws on another machine of this kind.
@@ -158,6 +167,7 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
 
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
     from vllm_promprune.pruning import prune_images
+    from vllm_promprune.reference import instruction_embeddings
     from vllm_promprune.settings import parse_settings
 
     projector = reference.model.model.multi_modal_projector
@@ -185,13 +195,17 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
         assert saliency_budget(entropy, 64, PromPruneOptions(mu=0.1)) == 0
         assert 0 < saliency_budget(entropy, 16, PromPruneOptions(mu=0.742, tau=0.05)) < 16
 
-    cases = [(seed, raw) for seed in REFERENCE_SEEDS for raw in REFERENCE_SETTINGS]
-    cases += [(seed, {"keep": 16}) for seed in MICRO_BATCH_SEEDS]
-    for seed, raw in cases:
+    cases = [(seed, raw, PROMPT) for seed in REFERENCE_SEEDS for raw in REFERENCE_SETTINGS]
+    cases += [(seed, CDPRUNER, question) for seed in REFERENCE_SEEDS for question in QUESTIONS]
+    cases += [(seed, {"keep": 16}, PROMPT) for seed in MICRO_BATCH_SEEDS]
+    for seed, raw, prompt in cases:
         settings = [parse_settings(raw)]
+        # Embedding lookups are exact in both (same weights): the instruction gets no noise.
+        prompt_ids = reference.processor.tokenizer(prompt).input_ids
+        instructions = instruction_embeddings(reference.model, reference.processor, prompt_ids, settings)
 
-        def prune(tower, settings=settings):  # noqa: ANN202
-            return prune_images(tower, settings, projector)
+        def prune(tower, settings=settings, instructions=instructions):  # noqa: ANN202
+            return prune_images(tower, settings, projector, instructions=instructions)
 
         clean = selections(prune, towers[seed])
         assert clean, raw
@@ -289,3 +303,78 @@ def test_ratio_budget(stock_llm, pruned_llm) -> None:
     (stock_ids, _), = run(stock_llm, [_request(3)], max_tokens=1)
     (pruned_ids, _), = run(pruned_llm, [_request(3, {"ratio": 0.25})], max_tokens=1)
     assert len(pruned_ids) == len(stock_ids) - NUM_TOKENS + 144
+
+
+# -- CDPruner: selection by the request's instruction ------------------------------------
+
+
+def test_cdpruner_matches_the_reference_under_each_question(pruned_llm, reference) -> None:
+    for prompt in QUESTIONS:
+        results = run(pruned_llm, [_request(seed, CDPRUNER, prompt, textured_image(seed)) for seed in REFERENCE_SEEDS])
+        prompt_ids = reference.processor.tokenizer(prompt).input_ids
+        for seed, result in zip(REFERENCE_SEEDS, results):
+            assert result == reference.greedy(prompt_ids, [textured_image(seed)], CDPRUNER, 8), (prompt, seed)
+
+
+def test_cdpruner_keeps_other_tokens_for_another_question(pruned_llm) -> None:
+    # The engine runs in this process: its selections are recorded here.
+    settings = {"keep": 31, "method": "cdpruner"}
+    kept = []
+    for prompt in QUESTIONS:
+        with recorded_selections() as record:
+            run(pruned_llm, [_request(1, settings, prompt, textured_image(1))], max_tokens=1)
+        (picks,) = record
+        kept.append(set(picks[0].tolist()))
+    assert len(kept[0]) == len(kept[1]) == 31
+    assert kept[0] != kept[1]
+
+
+def test_an_images_identity_includes_the_question_only_for_cdpruner(pruned_llm) -> None:
+    cdpruner = {"keep": 30, "method": "cdpruner"}
+    first, again, other = (tower_runs(pruned_llm, [_request(20, cdpruner, prompt)]) for prompt in (*QUESTIONS[:1], *QUESTIONS))
+    assert (first, again, other) == (1, 0, 1)
+    divprune = {"keep": 30, "method": "divprune"}  # reads no instruction: one identity for both questions
+    assert [tower_runs(pruned_llm, [_request(20, divprune, prompt)]) for prompt in QUESTIONS] == [1, 0]
+
+
+def test_cdpruner_prefix_cache_serves_the_same_question_only(pruned_llm) -> None:
+    settings = {"keep": 300, "method": "cdpruner"}  # a prompt of several KV blocks
+    image_token = pruned_llm.llm_engine.model_config.hf_config.image_token_index
+    cached = []
+    for prompt in (QUESTIONS[0], QUESTIONS[0], QUESTIONS[1]):
+        (output,) = pruned_llm.generate([_request(21, settings, prompt)], greedy_params(max_tokens=1), use_tqdm=False)
+        cached.append(output.num_cached_tokens)
+        image_start = list(output.prompt_token_ids).index(image_token)
+    assert cached[0] == 0 and cached[1] > image_start + 300 // 2
+    assert cached[2] <= image_start  # the image's block differs: nothing after it is reused
+
+
+def test_cdpruner_batched_equals_solo(pruned_llm) -> None:
+    requests = [_request(seed, {"keep": 24, "method": "cdpruner"}, prompt) for seed in (22, 23) for prompt in QUESTIONS]
+    solo = [run(pruned_llm, [request])[0] for request in requests]
+    assert run(pruned_llm, requests) == solo
+
+
+def test_cdpruner_multi_image_and_multi_turn_prompts_match_the_reference(pruned_llm, reference) -> None:
+    images = [textured_image(10), textured_image(11)]
+    two_images = "USER: <image>\n<image>\nWhich picture has more red? ASSISTANT:"
+    multi_turn = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Some shapes."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Which colour is on the right?"}]},
+    ]
+    chat_prompt = reference.processor.apply_chat_template(multi_turn, add_generation_prompt=True)
+    settings = {"keep": [32, 16], "method": "cdpruner"}
+    for prompt, prompt_images, image_settings in [(two_images, images, settings), (chat_prompt, images[:1], CDPRUNER)]:
+        request = {"prompt": prompt, "multi_modal_data": {"image": prompt_images},
+                   "mm_processor_kwargs": {"promprune": image_settings}}
+        (result,) = run(pruned_llm, [request])
+        prompt_ids = reference.processor.tokenizer(prompt).input_ids
+        assert result == reference.greedy(prompt_ids, prompt_images, image_settings, 8), prompt
+
+
+def test_cdpruner_on_a_prompt_without_text_is_refused_naming_the_method(pruned_llm) -> None:
+    with pytest.raises(ValueError, match=r"promprune\.method 'cdpruner' selects by the instruction"):
+        pruned_llm.generate([_request(0, CDPRUNER, "<image>")], greedy_params(), use_tqdm=False)
+    (_, tokens), = run(pruned_llm, [_request(0, CDPRUNER)])
+    assert len(tokens) == 8

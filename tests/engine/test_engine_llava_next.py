@@ -24,6 +24,7 @@ from .conftest import (
     ImageCases,
     assert_bit_identical,
     assert_stock_prompts_match_transformers,
+    engine_selections,
     engine_tower_outputs,
     greedy_params,
     guard_noise,
@@ -67,12 +68,20 @@ REFERENCE_SETTINGS = [
     # test_engine_llava.py): per view, 98% of the budget by attention and one or two rounds
     # over the ~20 least salient tokens, where that order has margins.
     {"ratio": 0.99, "method": "vispruner", "important_ratio": 0.98, "budget_mode": "per_crop"},
+    {"keep": 64, "method": "cdpruner"},  # by PROMPT's instruction
+    {"keep": 96, "method": "cdpruner", "budget_mode": "per_crop"},
 ]
+QUESTION = "USER: <image>\nRead the text on the sign. ASSISTANT:"  # CDPruner under another question
 # The other comparisons with the reference: (images by (size, seed), settings).
 PREFIX_CASE = ([("square", 7)], {"keep": 300, "mu": 0.95})
 TWO_IMAGE_CASES = [
     ([("wide", 4), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
     ([("tall", 8), ("square", 5)], {"keep": [48, 200], "budget_mode": "per_crop"}),
+]
+CDPRUNER_CASES = [  # (images, settings, prompt)
+    ([("square", 9)], {"keep": 64, "method": "cdpruner"}, QUESTION),
+    ([("wide", 2)], {"keep": 96, "method": "cdpruner", "budget_mode": "per_crop"}, QUESTION),
+    ([("wide", 4), ("square", 5)], {"keep": [48, 64], "method": "cdpruner", "budget_mode": "per_crop"}, TWO_IMAGES),
 ]
 # Floor of the margin guard's noise std; it uses 10x the vLLM-vs-transformers max abs
 # difference it measures on the machine it runs on when that is larger (`guard_noise`).
@@ -191,6 +200,24 @@ def test_two_images_with_different_budgets_in_one_request(pruned_llm, reference)
     )
 
 
+@pytest.mark.parametrize("case", CDPRUNER_CASES, ids=["global", "per_crop", "two_images"])
+def test_cdpruner_under_another_question_matches_the_reference(pruned_llm, reference, case: tuple) -> None:
+    case_images, settings, prompt = case
+    images = [CASES.textured(size, seed) for size, seed in case_images]
+    assert run(pruned_llm, [CASES.request(images, settings, prompt)]) == [_expected(reference, images, settings, prompt)]
+
+
+@pytest.mark.parametrize("budget_mode", ["global", "per_crop"])
+def test_cdpruner_keeps_other_tokens_for_another_question(pruned_llm, budget_mode: str) -> None:
+    settings = {"keep": 70, "method": "cdpruner", "budget_mode": budget_mode}
+    image = CASES.textured("tall", 50)
+    under_prompt, under_question = engine_selections(
+        pruned_llm, [CASES.request([image], settings), CASES.request([image], settings, QUESTION)]
+    )
+    assert under_prompt and under_question
+    assert not same_selections(under_prompt, under_question)
+
+
 def test_reference_cases_have_margins(pruned_llm, reference) -> None:
     """Guards the comparisons with the reference above (see test_engine_llava.py).
 
@@ -204,12 +231,14 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
 
     from vllm_promprune.families.anyres import prune_anyres
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
+    from vllm_promprune.reference import instruction_embeddings
     from vllm_promprune.settings import parse_image_settings
 
     projector = reference.model.model.multi_modal_projector
-    cases = [([(size, REFERENCE_SEEDS[size])], raw) for raw in REFERENCE_SETTINGS for size in SIZES]
-    cases += [PREFIX_CASE, *TWO_IMAGE_CASES]
-    images = sorted({image for case_images, _ in cases for image in case_images})
+    cases = [([(size, REFERENCE_SEEDS[size])], raw, PROMPT) for raw in REFERENCE_SETTINGS for size in SIZES]
+    cases += [(*PREFIX_CASE, PROMPT), *((case_images, raw, TWO_IMAGES) for case_images, raw in TWO_IMAGE_CASES)]
+    cases += CDPRUNER_CASES
+    images = sorted({image for case_images, _, _ in cases for image in case_images})
     towers = {}
     for size, seed in images:
         processed = reference.processor.image_processor([CASES.textured(size, seed)], return_tensors="pt")
@@ -243,12 +272,16 @@ def test_reference_cases_have_margins(pruned_llm, reference) -> None:
         for view_entropy, share in zip(view_entropies, split_budget(320, layout.view_sizes())):
             assert saliency_budget(view_entropy, share, PromPruneOptions(mu=0.95)) == share
 
-    for case_images, raw in cases:
-        for (size, seed), image_settings in zip(case_images, parse_image_settings(raw, len(case_images))):
+    for case_images, raw, prompt in cases:
+        settings = parse_image_settings(raw, len(case_images))
+        # Embedding lookups are exact in both (same weights): the instruction gets no noise.
+        prompt_ids = reference.processor.tokenizer(prompt).input_ids
+        instructions = instruction_embeddings(reference.model, reference.processor, prompt_ids, settings)
+        for (size, seed), image_settings, instruction in zip(case_images, settings, instructions):
             layout, tower = towers[size, seed]
 
-            def prune(t, layout=layout, image_settings=image_settings):  # noqa: ANN202
-                return prune_anyres(t, layout, image_settings, projector)
+            def prune(t, layout=layout, image_settings=image_settings, instruction=instruction):  # noqa: ANN202
+                return prune_anyres(t, layout, image_settings, projector, instruction=instruction)
 
             clean = selections(prune, tower)
             assert clean, (size, seed, raw)

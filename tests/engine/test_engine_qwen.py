@@ -34,6 +34,7 @@ from .conftest import (
     ImageCases,
     assert_bit_identical,
     assert_stock_prompts_match_transformers,
+    engine_selections,
     engine_tower_outputs,
     forget_profiled_selections,
     greedy_params,
@@ -83,7 +84,10 @@ REFERENCE_SETTINGS = [
     # least salient tokens, where that order has margins.
     {"ratio": 0.97, "method": "vispruner", "important_ratio": 0.94},
     {"ratio": 0.3, "method": "fps"},
+    {"keep": 48, "method": "cdpruner"},  # by PROMPT's instruction (another: QUESTION)
 ]
+QUESTION = f"<|im_start|>user\n{IMAGE}Read the text on the sign.<|im_end|>\n<|im_start|>assistant\n"
+CDPRUNER = {"keep": 48, "method": "cdpruner"}
 # The other comparisons with the reference: images by (size, seed), settings.
 GRID_SETTINGS = {"keep": 50}  # test_kept_tokens_carry_true_grid_positions and the EVS one, reference images
 PREFIX_SETTINGS = {"keep": 200, "mu": 1.0}  # all saliency: 200 DPP picks exceed the LLM width
@@ -280,6 +284,23 @@ def test_matches_transformers_reference(pruned_llm, reference, cases, family: st
         assert result == (expected_ids, expected_tokens), size
 
 
+def test_cdpruner_under_another_question_matches_the_reference(pruned_llm, reference, cases) -> None:
+    results = run(pruned_llm, [cases.request([cases.textured(size)], CDPRUNER, QUESTION) for size in SIZE_NAMES])
+    for size, result in zip(SIZE_NAMES, results):
+        expected_ids, expected_tokens, _ = reference.greedy(QUESTION, [cases.textured(size)], CDPRUNER)
+        assert result == (expected_ids, expected_tokens), size
+
+
+def test_cdpruner_keeps_other_tokens_for_another_question(pruned_llm, cases) -> None:
+    settings = {"keep": 45, "method": "cdpruner"}
+    image = cases.textured("wide", 50)
+    under_prompt, under_question = engine_selections(
+        pruned_llm, [cases.request([image], settings), cases.request([image], settings, QUESTION)]
+    )
+    assert under_prompt and under_question
+    assert not same_selections(under_prompt, under_question)
+
+
 def test_prefix_cache_hit_then_different_question(pruned_llm, reference, family_images) -> None:
     settings = PREFIX_SETTINGS
     image = family_images.cases.textured(*family_images.prefix)
@@ -367,12 +388,14 @@ def test_reference_cases_have_margins(pruned_llm, reference, family: str, family
     from vllm_promprune.families.qwen_vision import QWEN_OPTION_DEFAULTS
     from vllm_promprune.methods import PromPruneOptions, saliency_budget, spectral_entropy
     from vllm_promprune.pruning import prune_images_indexed
+    from vllm_promprune.reference import instruction_embeddings
     from vllm_promprune.settings import parse_image_settings
 
     case_settings = [*_reference_settings(family), GRID_SETTINGS]
-    cases = [([(size, family_images.seeds[size])], raw) for raw in case_settings for size in SIZE_NAMES]
-    cases += [family_images.prefix_case, family_images.two_image_case]
-    images = sorted({image for case_images, _ in cases for image in case_images})
+    cases = [([(size, family_images.seeds[size])], raw, PROMPT) for raw in case_settings for size in SIZE_NAMES]
+    cases += [(*family_images.prefix_case, PROMPT), (*family_images.two_image_case, TWO_IMAGES)]
+    cases += [([(size, family_images.seeds[size])], CDPRUNER, QUESTION) for size in SIZE_NAMES]
+    images = sorted({image for case_images, _, _ in cases for image in case_images})
     towers = {}
     for size, seed in images:
         inputs = reference.processor(text=[PROMPT], images=[family_images.cases.textured(size, seed)], return_tensors="pt")
@@ -405,12 +428,15 @@ def test_reference_cases_have_margins(pruned_llm, reference, family: str, family
         entropy = spectral_entropy(project(towers[family_images.prefix_case[0][0]].hidden[0, 1:]))
     assert saliency_budget(entropy, 200, PromPruneOptions(mu=1.0)) == 200
 
-    for case_images, raw in cases:
+    for case_images, raw, prompt in cases:
         image_settings = parse_image_settings(raw, len(case_images), option_defaults=QWEN_OPTION_DEFAULTS)
-        for image, settings in zip(case_images, image_settings):
+        # Embedding lookups are exact in both (same weights): the instruction gets no noise.
+        prompt_ids = reference.processor.tokenizer(prompt).input_ids
+        instructions = instruction_embeddings(reference.model, reference.processor, prompt_ids, image_settings)
+        for image, settings, instruction in zip(case_images, image_settings, instructions):
 
-            def prune(t, settings=settings):  # noqa: ANN202
-                return prune_images_indexed(t, [settings], project)
+            def prune(t, settings=settings, instruction=instruction):  # noqa: ANN202
+                return prune_images_indexed(t, [settings], project, instructions=[instruction])
 
             clean = selections(prune, towers[image])
             assert clean, (image, raw)

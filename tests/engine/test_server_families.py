@@ -82,3 +82,28 @@ def test_one_budget_per_image(served: tuple[str, ServerProcess]) -> None:
     assert wrong.status_code == 400
     assert "promprune.keep: a list needs one value per image" in wrong.json()["error"]["message"]
     assert _prompt_tokens(server, [0]) > 0  # still serving
+
+
+def test_cdpruner_selects_by_a_multi_turn_conversation_through_both_routes(served: tuple[str, ServerProcess]) -> None:
+    family, server = served
+    image = {"type": "image_url", "image_url": {"url": image_data_url(scene_image(0, *SIZES[0]))}}
+    messages = [
+        {"role": "user", "content": [image, {"type": "text", "text": "What colour is the car?"}]},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": [{"type": "text", "text": "And what does the sign say?"}]},
+    ]
+
+    def post(**extra: object) -> requests.Response:
+        body = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0.0, **extra}
+        return requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=600)
+
+    unpruned = post(vllm_xargs={"promprune_keep": 100_000})
+    via_xargs = post(vllm_xargs={"promprune_keep": 20, "promprune_method": "cdpruner"})
+    via_mm = post(mm_processor_kwargs={"promprune": {"keep": 20, "method": "cdpruner"}})
+    for response in (unpruned, via_xargs, via_mm):
+        assert response.status_code == 200, response.text
+    tokens = unpruned.json()["usage"]["prompt_tokens"] - STOCK_TOKENS[family][0] + 20
+    assert via_xargs.json()["usage"]["prompt_tokens"] == via_mm.json()["usage"]["prompt_tokens"] == tokens
+    assert via_xargs.json()["choices"][0]["message"] == via_mm.json()["choices"][0]["message"]
+    bad = post(vllm_xargs={"promprune_keep": 20, "promprune_method": "cdpruner", "promprune_theta": 1.5})
+    assert bad.status_code == 400 and "promprune.theta" in bad.json()["error"]["message"]

@@ -98,10 +98,11 @@ def test_zero_rows_and_constant_relevance_stay_finite() -> None:
     assert constant[0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_the_engine_refuses_cdpruner_until_the_integration_lands() -> None:
-    assert "instruction" not in CLS_TOWER_INPUTS and "instruction" in METHODS["cdpruner"].needs
+def test_a_tower_without_instructions_refuses_cdpruner() -> None:
+    assert "instruction" in METHODS["cdpruner"].needs
+    PruneSettings(keep=8, method="cdpruner").check_inputs(CLS_TOWER_INPUTS, "the tower")  # the engine's towers
     with pytest.raises(ValueError, match=r"needs \['instruction'\], which the tower does not provide"):
-        PruneSettings(keep=8, method="cdpruner").check_inputs(CLS_TOWER_INPUTS, "the tower")
+        PruneSettings(keep=8, method="cdpruner").check_inputs(CLS_TOWER_INPUTS - {"instruction"}, "the tower")
 
 
 def test_reduce_tokens_spatial_order() -> None:

@@ -96,7 +96,7 @@ def _towers(dtype: torch.dtype, low_saliency: bool) -> list[TowerOutput]:
 SETTINGS = [
     PruneSettings(keep=10, method=method, options=options)
     for method in sorted(METHODS)
-    if set(METHODS[method].needs) <= CLS_TOWER_INPUTS  # the pipeline's inputs (no instruction yet)
+    if set(METHODS[method].needs) <= CLS_TOWER_INPUTS  # the pipeline's inputs
     for options in OPTIONS.get(method, [{}])[:2]
 ]
 
@@ -118,12 +118,15 @@ def test_pipeline_matches_float32_on_the_rounded_values(dtype: torch.dtype, low_
 
     towers = _towers(dtype, low_saliency)
     towers_float = [TowerOutput(t.hidden.float(), t.saliency.float(), t.keys.float()) for t in towers]
+    # The engine hands selection the LLM's `dtype` instruction embeddings as float32.
+    instruction = torch.randn(6, 48, generator=torch.Generator().manual_seed(7)).to(dtype).float()
     with torch.inference_mode():
         for settings in SETTINGS:
-            low = prune_towers_indexed(towers, [settings] * 3, projector)
-            high = prune_towers_indexed(towers_float, [settings] * 3, project_float)
+            instructions = [instruction if settings.reads_instruction else None] * 3
+            low = prune_towers_indexed(towers, [settings] * 3, projector, instructions=instructions)
+            high = prune_towers_indexed(towers_float, [settings] * 3, project_float, instructions=instructions)
             assert all(_same(a, b) for a, b in zip(low, high)), settings
             assert all(image.rows.dtype == dtype for image in low)
-            one_low = prune_images_indexed(towers[0], [settings] * 2, projector)
-            one_high = prune_images_indexed(towers_float[0], [settings] * 2, project_float)
+            one_low = prune_images_indexed(towers[0], [settings] * 2, projector, instructions=instructions[:2])
+            one_high = prune_images_indexed(towers_float[0], [settings] * 2, project_float, instructions=instructions[:2])
             assert all(_same(a, b) for a, b in zip(one_low, one_high)), settings

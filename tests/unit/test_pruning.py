@@ -111,15 +111,17 @@ def test_a_tower_without_saliency_serves_exactly_the_methods_that_never_read_it(
     order = "spatial" if METHODS[method].merges else "selection"
     settings = [PruneSettings(keep=9, method=method), PruneSettings(ratio=0.5, method=method, order=order)]
     project = _projector(torch.float32)
+    instruction = torch.randn(5, project(towers[0].hidden).shape[-1], generator=torch.Generator().manual_seed(3))
+    instructions = [instruction if s.reads_instruction else None for s in settings]
     assert {s.reads_saliency(64) for s in settings} == {method in READS_SALIENCY}
     assert not PruneSettings(keep=64, method=method).reads_saliency(64)  # keeps every token: selects nothing
     with torch.inference_mode():
-        with_saliency = prune_towers_indexed(towers, settings, project)
+        with_saliency = prune_towers_indexed(towers, settings, project, instructions=instructions)
         if method in READS_SALIENCY:
             with pytest.raises(AssertionError, match="reads saliency"):
                 prune_towers_indexed([_without_saliency(t) for t in towers], settings, project)
             return
-        without = prune_towers_indexed([_without_saliency(t) for t in towers], settings, project)
+        without = prune_towers_indexed([_without_saliency(t) for t in towers], settings, project, instructions=instructions)
     assert all(_same(a, b) for a, b in zip(with_saliency, without))
 
 

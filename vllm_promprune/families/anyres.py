@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from ..pruning import SelectionFailureHandler, TowerOutput, prune_images
+from ..pruning import Instructions, SelectionFailureHandler, TowerOutput, prune_images
 from ..settings import PruneSettings
 
 
@@ -124,10 +124,11 @@ def prune_anyres(
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
+    instruction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pruned image's LLM embeddings [K, D] from its V tower views (one image of
     `prune_anyres_images`)."""
-    return prune_anyres_images([(tower, layout, settings)], project, on_selection, on_failure)[0]
+    return prune_anyres_images([(tower, layout, settings)], project, on_selection, on_failure, [instruction])[0]
 
 
 def prune_anyres_images(
@@ -135,12 +136,14 @@ def prune_anyres_images(
     project: Callable[[torch.Tensor], torch.Tensor],
     on_selection: Callable[[str, float], None] | None = None,
     on_failure: SelectionFailureHandler | None = None,
+    instructions: Instructions | None = None,
 ) -> list[torch.Tensor]:
     """Each pruned image's LLM embeddings [K_i, D] from its V_i tower views.
 
     Per image, `tower` holds its views: hidden [V, side^2 + 1, Dv] (CLS first),
     saliency [V, side^2], keys [V, side^2 + 1, Dk]. Call only with images whose
-    `settings.prunes(layout.num_content)`. The callbacks are `prune_images`'.
+    `settings.prunes(layout.num_content)`. The callbacks are `prune_images`'; an image's
+    instruction embeddings (CDPruner) serve each of its selections (every crop in `per_crop`).
 
     Every selection (the whole image in `global` mode, one view in `per_crop`) with
     the same number of candidates runs in one batch, across views and images (e.g.
@@ -173,7 +176,8 @@ def prune_anyres_images(
             saliency=torch.stack([flat[i][1][index] for i, _, index, _ in selected]),
             keys=torch.stack([torch.cat([images[i][0].keys[v, :1], flat[i][2][index]]) for i, v, index, _ in selected]),
         )
-        pruned = prune_images(batch, [s for _, _, _, s in selected], project, on_selection, on_failure)
+        part_instructions = None if instructions is None else [instructions[i] for i, _, _, _ in selected]
+        pruned = prune_images(batch, [s for _, _, _, s in selected], project, on_selection, on_failure, part_instructions)
         for member, member_rows in zip(members, pruned):
             rows[member] = member_rows
     return [

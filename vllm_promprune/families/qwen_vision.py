@@ -36,8 +36,9 @@ from ..pruning import TowerOutput
 QWEN_OPTION_DEFAULTS = {"mu": QWEN2_5_VL_MU}
 """Method-option defaults for Qwen2.5-VL (PromPrune's entropy threshold for its tower, methods.md)."""
 
-QWEN_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features"})
-"""The `TokenBatch` inputs Qwen's tower provides: no CLS token, no saliency-layer keys."""
+QWEN_TOWER_INPUTS = frozenset({"features", "saliency", "pre_features", "instruction"})
+"""The `TokenBatch` inputs Qwen's tower provides (no CLS token, no saliency-layer keys), and the
+instruction embeddings the language model gives."""
 QWEN_TOWER_NAME = "the Qwen-VL vision tower (no CLS token, no saliency-layer keys)"
 
 OFFSET_COLUMNS = 6

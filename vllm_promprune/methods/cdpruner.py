@@ -58,9 +58,16 @@ def cdpruner_relevance(
     unit_features: torch.Tensor, instruction: torch.Tensor, options: CDPrunerOptions
 ) -> torch.Tensor:
     """Per-token relevance [B, N] (min-max per image, then theta) from unit visual rows
-    [B, N, D] and instruction embeddings [B, M, D]."""
-    cosine = unit_features @ plain_unit_rows(instruction).transpose(1, 2)  # [B, N, M]
-    relevance = cosine.mean(dim=-1)
+    [B, N, D] and instruction embeddings [B, M, D].
+
+    The mean cosine is the reference's (an [N, M] cosine matrix, then its row mean). An
+    instruction longer than N tokens computes it in blocks of rows, so that it never holds
+    more than the N x N elements of the kernel (what vLLM's memory profile measures).
+    """
+    unit_instruction = plain_unit_rows(instruction).transpose(1, 2)  # [B, D, M]
+    num_tokens, length = unit_features.shape[1], unit_instruction.shape[2]
+    rows = num_tokens if length <= num_tokens else max(1, num_tokens * num_tokens // length)
+    relevance = torch.cat([(block @ unit_instruction).mean(dim=-1) for block in unit_features.split(rows, dim=1)], dim=1)
     if options.relevance_sign == -1:
         relevance = -relevance
     low = relevance.amin(dim=1, keepdim=True)

@@ -31,7 +31,14 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.multimodal.processing.processor import MultiModalIsCached
 
 from ...methods import METHODS
-from ...pruning import CLS_TOWER_INPUTS, CLS_TOWER_NAME, memory_profile_settings
+from ...pruning import (
+    CLS_TOWER_INPUTS,
+    CLS_TOWER_NAME,
+    Instructions,
+    instruction_tokens,
+    memory_profile_settings,
+    non_instruction_ids,
+)
 from ...settings import (
     SETTINGS_KEY,
     PruneSettings,
@@ -43,6 +50,14 @@ from .. import metrics
 
 SETTINGS_FIELD = "promprune_settings"
 """Name of the per-image multimodal kwarg carrying the encoded settings."""
+INSTRUCTION_FIELD = "promprune_instruction"
+"""Name of the per-image multimodal kwarg carrying its instruction token ids (int64 [M]; empty
+unless the image's method reads an instruction)."""
+INSTRUCTION_KEY = "promprune_instruction_tokens"
+"""Processor kwarg the pruned processor adds: the request's instruction token ids (`instruction_tokens`)."""
+PROFILE_INSTRUCTION = (0,)
+"""Instruction token ids the memory profile gives its CDPruner selections: the relevance's
+memory does not grow with M past the N x N kernel (`cdpruner_relevance`)."""
 MEMORY_PROFILE_KEY = "memory_profile"
 """Key of the SETTINGS_FIELD payload of vLLM's profiling items: the methods the profile runs."""
 
@@ -58,9 +73,10 @@ logger = init_logger(__name__)
 
 
 def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
-    """The kwargs minus the pruning settings: the HF processor must not see them, and
-    vLLM caches HF processors keyed by these kwargs (lists in settings are unhashable)."""
-    return {k: v for k, v in hf_kwargs.items() if k != SETTINGS_KEY}
+    """The kwargs minus the pruning settings and instruction: the HF processor must not see
+    them, and vLLM caches HF processors keyed by these kwargs (lists are unhashable)."""
+    return {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, INSTRUCTION_KEY)}
+
 
 
 class UnprunedMaxTokensMixin:
@@ -92,7 +108,28 @@ class PruningProcessorMixin:
         )
         for image_settings in settings:
             image_settings.check_inputs(self.tower_inputs, self.tower_name)
+            if image_settings.reads_instruction and not hf_processor_mm_kwargs.get(INSTRUCTION_KEY):
+                if not making_dummy_inputs():
+                    raise ValueError(
+                        f"{SETTINGS_KEY}.method {image_settings.method!r} selects by the instruction, and this "
+                        "prompt has no text besides special and image tokens: add the question, or use "
+                        "another method for text-free prompts"
+                    )
         return settings
+
+    def apply(self, inputs: ProcessorInputs, *args: Any, **kwargs: Any):  # noqa: ANN201 (MultiModalInput)
+        # The request's instruction rides along with the pruning settings, so that hashing
+        # (an image's identity includes it when its method reads it) and processing both see it.
+        instruction = self.instruction_tokens(inputs.prompt)
+        with_instruction = {**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: instruction}
+        return super().apply(replace(inputs, hf_processor_mm_kwargs=with_instruction), *args, **kwargs)
+
+    def instruction_tokens(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt's instruction token ids (`pruning.instruction_tokens`)."""
+        excluded = getattr(self, "_non_instruction_ids", None)
+        if excluded is None:
+            excluded = self._non_instruction_ids = non_instruction_ids(self.info.get_tokenizer(), self.info.get_hf_config())
+        return instruction_tokens(prompt, excluded)
 
     def profiled_methods(self) -> list[str]:
         """The methods this family's tower can feed: what vLLM's memory profile runs."""
@@ -125,8 +162,12 @@ class PruningProcessorMixin:
         images = hashes.get("image")
         if images:
             settings = self.prune_settings(inputs.hf_processor_mm_kwargs, len(images))
+            instruction = json.dumps(inputs.hf_processor_mm_kwargs.get(INSTRUCTION_KEY) or [])
             hashes["image"] = [
-                MultiModalHasher.hash_kwargs(algorithm, mm_hash=image_hash, promprune=image_settings.model_dump_json())
+                MultiModalHasher.hash_kwargs(
+                    algorithm, mm_hash=image_hash, promprune=image_settings.model_dump_json(),
+                    **({"instruction": instruction} if image_settings.reads_instruction else {}),
+                )
                 for image_hash, image_settings in zip(images, settings, strict=True)
             ]
         return hashes
@@ -160,6 +201,11 @@ class PruningProcessorMixin:
             processed[SETTINGS_FIELD] = [marker.clone() for _ in settings]
         else:
             processed[SETTINGS_FIELD] = [image_settings.to_tensor() for image_settings in settings]
+        instruction = torch.tensor(hf_kwargs.get(INSTRUCTION_KEY) or [], dtype=torch.int64)
+        processed[INSTRUCTION_FIELD] = [
+            instruction.clone() if image_settings.reads_instruction else torch.empty(0, dtype=torch.int64)
+            for image_settings in settings
+        ]
         return processed
 
     def _get_mm_fields_config(
@@ -167,6 +213,7 @@ class PruningProcessorMixin:
     ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, without_settings(hf_processor_mm_kwargs)))
         fields[SETTINGS_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        fields[INSTRUCTION_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
     def check_pruned_images(self, settings: Sequence[PruneSettings], out_mm_kwargs: MultiModalKwargsItems) -> None:
@@ -317,8 +364,33 @@ def micro_batches(costs: Sequence[int], budget: int) -> list[tuple[int, int]]:
     return ranges
 
 
-EmbedImages = Callable[[int, int, Sequence[PruneSettings]], list[torch.Tensor]]
-"""`embed(start, stop, settings)`: the LLM rows of images start..stop-1 (pruned or not)."""
+EmbedImages = Callable[[int, int, Sequence[PruneSettings], Instructions], list[torch.Tensor]]
+"""`embed(start, stop, settings, instructions)`: the LLM rows of images start..stop-1 (pruned
+or not); `instructions` holds their instruction embeddings (`pruning.prune_images`' argument)."""
+EmbedTokens = Callable[[torch.Tensor], torch.Tensor]
+"""The language model's input embedding: token ids [M] -> [M, D] (`language_model_embedding`)."""
+
+
+def language_model_embedding(model: Any) -> EmbedTokens:
+    """The LLM's own `embed_tokens` (vocab-parallel under TP) for instruction token ids."""
+    language_model = model.get_language_model()
+
+    def embed_tokens(ids: torch.Tensor) -> torch.Tensor:
+        return language_model.embed_input_ids(ids.to(next(language_model.parameters()).device))
+
+    return embed_tokens
+
+
+def instruction_embeddings(
+    field: Any, settings: Sequence[PruneSettings], embed_tokens: EmbedTokens
+) -> list[torch.Tensor | None]:
+    """Per image: its instruction's LLM embeddings [M, D] (float32) if its method reads them, else None."""
+    if field is None:
+        raise ValueError(f"missing {INSTRUCTION_FIELD}: the pruned processor always emits it")
+    return [
+        embed_tokens(ids).float() if image_settings.reads_instruction else None
+        for ids, image_settings in zip(field, settings, strict=True)
+    ]
 
 
 def pruned_image_embeddings(
@@ -327,27 +399,32 @@ def pruned_image_embeddings(
     budget: int,
     stock: Callable[[], Sequence[torch.Tensor]],
     embed: EmbedImages,
+    instruction_field: Any,
+    embed_tokens: EmbedTokens,
 ) -> list[torch.Tensor]:
     """Every family's image embeddings, one [rows, D] tensor per image.
 
     Decodes the settings `field`, counts each image's tokens before and after, and
     returns `stock()` (vLLM's own path, bit-identical) when no image prunes.
-    Otherwise runs `embed` over micro-batches of at most `budget` tower units and
-    checks that each image returns exactly as many rows as it has placeholders
-    (vLLM would silently use the first rows if there were more).
+    Otherwise embeds the instructions of images whose method reads one
+    (`instruction_field`, with the LLM's `embed_tokens`), runs `embed` over
+    micro-batches of at most `budget` tower units and checks that each image returns
+    exactly as many rows as it has placeholders (vLLM would silently use the first
+    rows if there were more).
     """
     decoded = decode_settings(field, len(geometry))
     if decoded and isinstance(decoded[0], str):
-        run_memory_profile(decoded, geometry, budget, embed)
+        run_memory_profile(decoded, geometry, budget, embed, embed_tokens)
         return list(stock())
     settings: list[PruneSettings] = decoded  # type: ignore[assignment]
     for image_settings, image in zip(settings, geometry):
         metrics.record_image(image_settings, image.num_content, image.num_stock)
     if not any(s.prunes(image.num_content) for s, image in zip(settings, geometry)):
         return list(stock())
+    instructions = instruction_embeddings(instruction_field, settings, embed_tokens)
     rows: list[torch.Tensor] = []
     for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
-        rows.extend(embed(start, stop, settings[start:stop]))
+        rows.extend(embed(start, stop, settings[start:stop], instructions[start:stop]))
     for index, (image_rows, image_settings, image) in enumerate(zip(rows, settings, geometry, strict=True)):
         expected = image_settings.placeholders(image.num_content, image.num_stock)
         if image_rows.shape[0] != expected:
@@ -355,16 +432,21 @@ def pruned_image_embeddings(
     return rows
 
 
-def run_memory_profile(methods: Sequence[str], geometry: Sequence[ImageGeometry], budget: int, embed: EmbedImages) -> None:
+def run_memory_profile(
+    methods: Sequence[str], geometry: Sequence[ImageGeometry], budget: int, embed: EmbedImages, embed_tokens: EmbedTokens
+) -> None:
     """Run every selection of `memory_profile_settings` on vLLM's profiling items (at the
     micro-batches a request's images would get), discarding the rows: vLLM measures the
-    peak memory of this run to size the KV cache. Recorded in PROFILED_SELECTIONS."""
+    peak memory of this run to size the KV cache. Recorded in PROFILED_SELECTIONS.
+    Selections that read an instruction get `PROFILE_INSTRUCTION`'s."""
     per_image = [memory_profile_settings(image.num_content, methods) for image in geometry]
+    instruction = embed_tokens(torch.tensor(PROFILE_INSTRUCTION)).float()
     running = _RUNNING_MEMORY_PROFILE.set(True)
     try:
         for column in zip(*per_image, strict=True):
             for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
-                embed(start, stop, column[start:stop])
+                instructions = [instruction if s.reads_instruction else None for s in column[start:stop]]
+                embed(start, stop, column[start:stop], instructions)
                 first, tokens = column[start], geometry[start].num_content
                 PROFILED_SELECTIONS.append((first.method, tokens, first.kept_tokens(tokens), stop - start))
     finally:

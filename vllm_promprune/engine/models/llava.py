@@ -15,15 +15,17 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...pruning import prune_images
+from ...pruning import Instructions, prune_images
 from ...settings import PruneSettings
 from .clip_saliency import check_clip_llava_config, clip_tower_output
 from .common import (
+    INSTRUCTION_FIELD,
     SELECTION_HOOKS,
     SETTINGS_FIELD,
     ImageGeometry,
     PruningProcessorMixin,
     UnprunedMaxTokensMixin,
+    language_model_embedding,
     profiled_items_per_batch,
     pruned_image_embeddings,
 )
@@ -54,6 +56,7 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         field = kwargs.pop(SETTINGS_FIELD, None)
+        instruction_field = kwargs.pop(INSTRUCTION_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
@@ -61,11 +64,12 @@ class PromPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return self._process_image_input(image_input)
         pixel_values = image_input["pixel_values"]
 
-        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings], instructions: Instructions) -> list[torch.Tensor]:
             tower = clip_tower_output(self.vision_tower, pixel_values[start:stop])
-            return prune_images(tower, settings, self.multi_modal_projector, **SELECTION_HOOKS)
+            return prune_images(tower, settings, self.multi_modal_projector, **SELECTION_HOOKS, instructions=instructions)
 
         image = ImageGeometry(self.tokens_per_image, self.tokens_per_image, tower_cost=1)
         return pruned_image_embeddings(
-            field, [image] * len(pixel_values), self.encoder_micro_batch, lambda: self._process_image_input(image_input), embed
+            field, [image] * len(pixel_values), self.encoder_micro_batch, lambda: self._process_image_input(image_input),
+            embed, instruction_field, language_model_embedding(self),
         )

@@ -22,15 +22,17 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
 from ...families.anyres import AnyResLayout, anyres_layout, prune_anyres_images
-from ...pruning import TowerOutput
+from ...pruning import Instructions, TowerOutput
 from ...settings import PruneSettings
 from .clip_saliency import check_clip_llava_config, clip_tower_output
 from .common import (
+    INSTRUCTION_FIELD,
     SELECTION_HOOKS,
     SETTINGS_FIELD,
     ImageGeometry,
     PruningProcessorMixin,
     UnprunedMaxTokensMixin,
+    language_model_embedding,
     profiled_items_per_batch,
     pruned_image_embeddings,
 )
@@ -77,6 +79,7 @@ class PromPruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         field = kwargs.pop(SETTINGS_FIELD, None)
+        instruction_field = kwargs.pop(INSTRUCTION_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
@@ -85,30 +88,35 @@ class PromPruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         pixel_values, image_sizes = image_input["pixel_values"], image_input["image_sizes"]
         layouts = [layout_for(self.config, *size.tolist()) for size in image_sizes]
 
-        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings], instructions: Instructions) -> list[torch.Tensor]:
             views = torch.cat([pixel_values[i][: layouts[i].num_views] for i in range(start, stop)])
             tower = clip_tower_output(self.vision_tower, views)
             rows: list[torch.Tensor | None] = []
             pruned: list[tuple[int, tuple[TowerOutput, AnyResLayout, PruneSettings]]] = []  # (row, image)
+            pruned_instructions = []
             first_view = 0
-            for image, image_settings in zip(range(start, stop), settings):
+            for image, image_settings, instruction in zip(range(start, stop), settings, instructions):
                 layout = layouts[image]
                 image_tower = tower.rows(first_view, first_view + layout.num_views)
                 first_view += layout.num_views
                 if image_settings.prunes(layout.num_content):
                     pruned.append((len(rows), (image_tower, layout, image_settings)))
+                    pruned_instructions.append(instruction)
                     rows.append(None)
                 else:
                     projected = self.multi_modal_projector(image_tower.hidden[:, 1:])
                     size = image_sizes[image]
                     rows.append(self._merge_image_patch_embeddings(size, projected, strategy="spatial_unpad"))
             # Images of one layout select as one batch (each as it would alone).
-            selected = prune_anyres_images([image for _, image in pruned], self.multi_modal_projector, **SELECTION_HOOKS)
+            selected = prune_anyres_images(
+                [image for _, image in pruned], self.multi_modal_projector, **SELECTION_HOOKS, instructions=pruned_instructions
+            )
             for (row, _), image_rows in zip(pruned, selected, strict=True):
                 rows[row] = image_rows
             return rows  # type: ignore[return-value]
 
         geometry = [ImageGeometry(layout.num_content, layout.num_stock_tokens, layout.num_views) for layout in layouts]
         return pruned_image_embeddings(
-            field, geometry, self.views_per_batch, lambda: self._process_image_input(image_input), embed
+            field, geometry, self.views_per_batch, lambda: self._process_image_input(image_input), embed,
+            instruction_field, language_model_embedding(self),
         )

@@ -54,13 +54,15 @@ from ...families.qwen_vision import (
     mrope_positions,
     received_attention,
 )
-from ...pruning import TowerOutput, prune_towers_indexed
+from ...pruning import Instructions, TowerOutput, prune_towers_indexed
 from ...settings import PruneSettings
 from .common import (
+    INSTRUCTION_FIELD,
     SELECTION_HOOKS,
     SETTINGS_FIELD,
     ImageGeometry,
     PruningProcessorMixin,
+    language_model_embedding,
     making_dummy_inputs,
     memory_profile_marker,
     memory_profile_methods,
@@ -226,12 +228,13 @@ class PrunedQwenMixin:
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         field = kwargs.pop(SETTINGS_FIELD, None)
+        instruction_field = kwargs.pop(INSTRUCTION_FIELD, None)
         video_profile = kwargs.pop(VIDEO_PROFILE_FIELD, None)
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: list[torch.Tensor] = []
         for modality, modality_input in inputs.items():
             if modality == self.image_key:
-                embeddings.extend(self._image_rows(modality_input, field))
+                embeddings.extend(self._image_rows(modality_input, field, instruction_field))
             else:
                 embeddings.extend(self._video_rows(modality_input))
                 methods = None if video_profile is None else memory_profile_methods(video_profile[0])
@@ -257,18 +260,20 @@ class PrunedQwenMixin:
         )
         project = merger_projection(self.visual.merger)
 
-        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
-            pruned = prune_towers_indexed([images.rows(start, stop)], settings, project, **SELECTION_HOOKS)
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings], instructions: Instructions) -> list[torch.Tensor]:
+            pruned = prune_towers_indexed(
+                [images.rows(start, stop)], settings, project, **SELECTION_HOOKS, instructions=instructions
+            )
             return [image.rows for image in pruned]
 
         geometry = [ImageGeometry(tokens, tokens, tower_cost=1)] * self.profiled_images
-        run_memory_profile(methods, geometry, self.profiled_images, embed)
+        run_memory_profile(methods, geometry, self.profiled_images, embed, language_model_embedding(self))
 
     def _video_rows(self, video_input: Any) -> list[torch.Tensor]:
         """Videos as stock vLLM embeds them (not pruned by the plugin), with zero offsets."""
         return [with_offsets(rows, None) for rows in self._process_video_input(video_input)]
 
-    def _image_rows(self, image_input: Any, field: Any) -> list[torch.Tensor]:
+    def _image_rows(self, image_input: Any, field: Any, instruction_field: Any) -> list[torch.Tensor]:
         if image_input["type"] != "pixel_values":  # embeddings given: nothing to prune
             return [with_offsets(rows, None) for rows in self._process_image_input(image_input)]
         grid_thw = image_input["image_grid_thw"].tolist()
@@ -277,7 +282,7 @@ class PrunedQwenMixin:
         sizes = [count // (merge * merge) for count in patch_counts]
         project = merger_projection(self.visual.merger)
 
-        def embed(start: int, stop: int, settings: Sequence[PruneSettings]) -> list[torch.Tensor]:
+        def embed(start: int, stop: int, settings: Sequence[PruneSettings], instructions: Instructions) -> list[torch.Tensor]:
             first_patch = sum(patch_counts[:start])
             pixels = image_input["pixel_values"][first_patch : first_patch + sum(patch_counts[start:stop])]
             reads_saliency = [settings[i].reads_saliency(sizes[image]) for i, image in enumerate(range(start, stop))]
@@ -285,7 +290,8 @@ class PrunedQwenMixin:
             pruning = [i for i, image in enumerate(range(start, stop)) if settings[i].prunes(sizes[image])]
             # Images of equal N (and equal settings) select as one batch.
             selected = dict(zip(pruning, prune_towers_indexed(
-                [towers[i] for i in pruning], [settings[i] for i in pruning], project, **SELECTION_HOOKS
+                [towers[i] for i in pruning], [settings[i] for i in pruning], project, **SELECTION_HOOKS,
+                instructions=[instructions[i] for i in pruning],
             ), strict=True))
             rows = []
             for i, stock_rows in enumerate(stock):
@@ -301,7 +307,9 @@ class PrunedQwenMixin:
             return [with_offsets(rows, None) for rows in self._process_image_input(image_input)]
 
         geometry = [ImageGeometry(size, size, count) for size, count in zip(sizes, patch_counts)]
-        return pruned_image_embeddings(field, geometry, self.encoder_patch_budget, stock, embed)
+        return pruned_image_embeddings(
+            field, geometry, self.encoder_patch_budget, stock, embed, instruction_field, language_model_embedding(self)
+        )
 
 
 
