@@ -69,7 +69,8 @@ def test_profile_covers_every_budget_and_option(tower_inputs: frozenset[str], to
         for keep in sorted({1, 2, tokens // 4, tokens // 2, tokens - 1}):
             for options in OPTION_VARIANTS.get(method, [{}]):
                 unprofiled = PROFILE_INDEX_BYTES * len(batch.features) * max(0, keep - profile_keep(method, tokens))
-                for length in instruction_lengths(tokens) if "instruction" in METHODS[method].needs else (1,):
+                reads_instruction = "instruction" in METHODS[method].needs and not options  # lengths: default options
+                for length in instruction_lengths(tokens) if reads_instruction else (1,):
                     instruction = torch.randn(len(batch.features), length, width)
                     # Beyond the profile: one copy of the instruction (its unit rows), as large as
                     # its embeddings, which are the prompt's own (not an N x N matrix).

@@ -233,12 +233,13 @@ def test_eval_serves_the_checkpoint_it_is_given(server: ServerProcess, tiny_llav
     monkeypatch.setattr(server_process, "ServerProcess", ModuleServer)
     out = tmp_path / "out"
     main(["eval", "--data", str(_eval_data(tmp_path)), "--model-dir", str(tiny_llava), "--served-model-name",
-          MODEL_NAME, "--budgets", "8", "--methods", "uniform", "--max-tokens", "2", "--port", "8799",
+          MODEL_NAME, "--budgets", "8", "--methods", "uniform", "cdpruner", "--max-tokens", "2", "--port", "8799",
           "--out", str(out)])
     [(model, serve_args, port)] = started
     assert (model, port) == (str(tiny_llava), 8799)
     assert serve_args[serve_args.index("--served-model-name") + 1] == MODEL_NAME
     report = json.loads((out / "eval.json").read_text())
-    assert [(r["budget"], r["method"]) for r in report["results"]] == [("none", "none"), ("8", "uniform")]
-    unpruned, pruned = (r["mean_prompt_tokens"] for r in report["results"])
-    assert pruned == unpruned - NUM_TOKENS + 8
+    methods = [(r["budget"], r["method"]) for r in report["results"]]
+    assert methods == [("none", "none"), ("8", "uniform"), ("8", "cdpruner")]  # cdpruner: by each record's question
+    unpruned, *pruned = (r["mean_prompt_tokens"] for r in report["results"])
+    assert pruned == [unpruned - NUM_TOKENS + 8] * 2

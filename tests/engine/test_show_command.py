@@ -108,6 +108,32 @@ def test_show_draws_every_method_and_promprune_stages(family: str, request: pyte
             assert k_sal == 0
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_show_draws_what_cdpruner_keeps_for_the_question(family: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from vllm_promprune.reference import load_reference
+    from vllm_promprune.testing.synthetic import textured_image
+    from vllm_promprune.tools.show import image_tokens, question_embeddings, select
+
+    model = request.getfixturevalue(FAMILIES[family])
+    image_path = tmp_path / "image.png"
+    textured_image(5, 500, 380).save(image_path)
+    out = tmp_path / "figure.png"
+    question = "What colour is the car on the left?"
+    main(["show", str(image_path), "--model", str(model), "--keep", "20", "--methods", "cdpruner,uniform",
+          "--prompt", question, "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cdpruner: 20 kept" in capsys.readouterr().out
+
+    reference = load_reference(model)
+    tokens = image_tokens(reference, Image.open(image_path).convert("RGB"))
+    kept = [set(select(tokens, "cdpruner", 20, instruction=question_embeddings(reference, text)).kept.tolist())
+            for text in (question, "Read the text on the sign.")]
+    assert len(kept[0]) == len(kept[1]) == 20 and kept[0] != kept[1]
+    with pytest.raises(SystemExit, match="cdpruner selects by the question: give --prompt"):
+        main(["show", str(image_path), "--model", str(model), "--methods", "cdpruner", "--out", str(tmp_path / "b.png")])
+
+
 def test_show_refuses_what_it_cannot_draw(tiny_qwen3_vl: Path, tiny_llava: Path, tmp_path: Path) -> None:
     from vllm_promprune.testing.synthetic import scene_image
 

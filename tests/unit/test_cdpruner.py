@@ -111,3 +111,19 @@ def test_reduce_tokens_spatial_order() -> None:
     spatial = reduce_tokens("cdpruner", batch, 20, CDPrunerOptions())
     picked = reduce_tokens("cdpruner", batch, 20, CDPrunerOptions(), order="selection")
     assert torch.equal(spatial, picked.sort(dim=1).values)
+
+
+def test_min_max_per_image_smallest_case() -> None:
+    # docs/methods.md's smallest case: scaled over the batch [A, B], image A would keep 2 then 0.
+    image_a = torch.tensor([[0.0, -1.0], [-2.0, 1.0], [3.0, 1.0]]), torch.tensor([[3.0, 2.0]])
+    image_b = torch.tensor([[1.0, -2.0], [-2.0, 1.0], [0.0, 3.0]]), torch.tensor([[1.0, -1.0]])
+    batch = cdpruner_select(torch.stack([image_a[0], image_b[0]]), torch.stack([image_a[1], image_b[1]]), 2)
+    alone = cdpruner_select(image_a[0][None], image_a[1][None], 2)
+    assert batch[0].tolist() == alone[0].tolist() == [2, 1]
+
+
+def test_relevance_sign_smallest_case() -> None:
+    features, instruction = torch.eye(2)[None], torch.tensor([[[1.0, 0.0]]])
+    assert cdpruner_select(features, instruction, 1).tolist() == [[0]]
+    assert cdpruner_select(features, instruction, 1, CDPrunerOptions(relevance_sign=-1)).tolist() == [[1]]
+    assert cdpruner_select(features, torch.ones(1, 1, 2), 1).tolist() == [[0]]  # constant relevance

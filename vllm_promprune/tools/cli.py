@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--model", required=True, help="checkpoint directory or hub id (loaded with transformers)")
     show.add_argument("--keep", type=int, default=64, help="tokens kept per method")
     show.add_argument("--methods", default="promprune,divprune,vispruner,uniform", help="comma-separated methods")
+    show.add_argument("--prompt", default=None, help="the question, for cdpruner (which keeps tokens by the question)")
     show.add_argument("--out", default=".scratch/show.png", help="the PNG to write")
     show.add_argument("--dpi", type=int, default=110, help="resolution of the PNG")
     show.set_defaults(handler=_show)

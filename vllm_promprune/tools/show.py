@@ -153,8 +153,15 @@ class Selection:
     title: str
 
 
-def select(tokens: ImageTokens, method: str, keep: int, options: Mapping[str, object] | None = None) -> Selection:
-    """The tokens `method` keeps on this image, as the engine selects them (pick order)."""
+def select(
+    tokens: ImageTokens,
+    method: str,
+    keep: int,
+    options: Mapping[str, object] | None = None,
+    instruction: torch.Tensor | None = None,
+) -> Selection:
+    """The tokens `method` keeps on this image, as the engine selects them (pick order);
+    `instruction` [M, D]: the question's embeddings (`question_embeddings`), for CDPruner."""
     from ..methods import METHODS
     from ..methods.promprune import spectral_entropy, stage_one_budgets
     from ..settings import parse_image_settings
@@ -169,8 +176,11 @@ def select(tokens: ImageTokens, method: str, keep: int, options: Mapping[str, ob
         settings.check_inputs(tokens.tower_inputs, tokens.tower_name)
     except ValueError as error:
         raise SystemExit(f"show: {error}") from None
+    if settings.reads_instruction and instruction is None:
+        raise SystemExit(f"show: {method} selects by the question: give --prompt TEXT")
+    instructions = [instruction if settings.reads_instruction else None]
     with torch.inference_mode():
-        (pruned,) = prune_images_indexed(tokens.tower, [settings], tokens.project)
+        (pruned,) = prune_images_indexed(tokens.tower, [settings], tokens.project, instructions=instructions)
     if pruned.kept is None:
         raise SystemExit(f"show: {method} returns rows that are not patches (e.g. its CLS row) on this model")
     kept = pruned.kept.cpu()
@@ -276,6 +286,23 @@ def load_image(spec: str) -> object:
         return opened.convert("RGB")
 
 
+def question_embeddings(reference: object, question: str) -> torch.Tensor:
+    """The instruction the engine derives for a chat message of the image and `question`
+    (the checkpoint's chat template applied, `pruning.instruction_tokens`), embedded by the
+    model's input embeddings: [M, D] float32."""
+    from ..reference import instruction_embeddings
+    from ..settings import PruneSettings
+
+    processor = reference.processor
+    message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(message, add_generation_prompt=True)
+    prompt_ids = processor.tokenizer(prompt).input_ids
+    reads = PruneSettings(keep=1, method="cdpruner")
+    with torch.inference_mode():
+        (embedded,) = instruction_embeddings(reference.model, processor, prompt_ids, [reads])
+    return embedded
+
+
 def main(args: argparse.Namespace) -> None:
     from ..reference import load_reference
 
@@ -287,8 +314,11 @@ def main(args: argparse.Namespace) -> None:
     tokens = image_tokens(reference, image)
     if not 1 <= args.keep < len(tokens.boxes):
         raise SystemExit(f"show: --keep must be between 1 and {len(tokens.boxes) - 1} for this image")
-    selections = [select(tokens, method, args.keep) for method in methods]
+    instruction = None if args.prompt is None else question_embeddings(reference, args.prompt)
+    selections = [select(tokens, method, args.keep, instruction=instruction) for method in methods]
     caption = f"{args.model}: keep {args.keep} of {len(tokens.boxes)}"
+    if args.prompt is not None:
+        caption += f'; question "{args.prompt}"'
     out = draw(image, tokens, selections, Path(args.out), caption=caption, dpi=args.dpi)
     for selection in selections:
         print(f"{selection.title}")
