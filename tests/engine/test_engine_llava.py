@@ -278,10 +278,11 @@ def test_bad_settings_raise_and_engine_keeps_serving(pruned_llm, settings: dict,
     assert len(tokens) == 8
 
 
-def test_sampling_params_route_equals_mm_processor_kwargs_route(pruned_llm) -> None:
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+def test_sampling_params_route_equals_mm_processor_kwargs_route(pruned_llm, method: str) -> None:
     from vllm import SamplingParams
 
-    settings = {"keep": 24, "method": "divprune"}
+    settings = {"keep": 24, "method": method}
     via_mm = run(pruned_llm, [_request(2, settings)])
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, extra_args={"promprune": settings})
     via_sampling = pruned_llm.generate([_request(2)], params, use_tqdm=False)

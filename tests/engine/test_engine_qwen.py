@@ -92,6 +92,7 @@ CDPRUNER = {"keep": 48, "method": "cdpruner"}
 GRID_SETTINGS = {"keep": 50}  # test_kept_tokens_carry_true_grid_positions and the EVS one, reference images
 PREFIX_SETTINGS = {"keep": 200, "mu": 1.0}  # all saliency: 200 DPP picks exceed the LLM width
 TWO_IMAGE_SETTINGS = {"keep": [30, 120]}
+TWO_IMAGE_CDPRUNER = {"keep": [30, 120], "method": "cdpruner"}  # both images by TWO_IMAGES' instruction
 
 
 class ReferenceImages(NamedTuple):
@@ -316,9 +317,9 @@ def test_prefix_cache_hit_then_different_question(pruned_llm, reference, family_
     assert torch.equal(positions[:, :computed], expected_positions[:, output.num_cached_tokens :])
 
 
-def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, reference, family_images) -> None:
+@pytest.mark.parametrize("settings", [TWO_IMAGE_SETTINGS, TWO_IMAGE_CDPRUNER], ids=["promprune", "cdpruner"])
+def test_two_images_of_different_sizes_and_budgets_in_one_request(pruned_llm, reference, family_images, settings: dict) -> None:
     images = [family_images.cases.textured(size, seed) for size, seed in family_images.two]
-    settings = TWO_IMAGE_SETTINGS
     ids, tokens, positions = _solo_with_positions(pruned_llm, family_images.cases.request(images, settings, TWO_IMAGES))
     expected_ids, expected_tokens, expected_positions = reference.greedy(TWO_IMAGES, images, settings)
     assert (ids, tokens) == (expected_ids, expected_tokens)
@@ -395,6 +396,7 @@ def test_reference_cases_have_margins(pruned_llm, reference, family: str, family
     cases = [([(size, family_images.seeds[size])], raw, PROMPT) for raw in case_settings for size in SIZE_NAMES]
     cases += [(*family_images.prefix_case, PROMPT), (*family_images.two_image_case, TWO_IMAGES)]
     cases += [([(size, family_images.seeds[size])], CDPRUNER, QUESTION) for size in SIZE_NAMES]
+    cases += [(list(family_images.two), TWO_IMAGE_CDPRUNER, TWO_IMAGES)]
     images = sorted({image for case_images, _, _ in cases for image in case_images})
     towers = {}
     for size, seed in images:
