@@ -30,15 +30,37 @@ CHECKPOINTS = {"llava-next": "tiny_llava_next", "qwen2.5-vl": "tiny_qwen2_5_vl",
                "qwen3-vl": "tiny_qwen3_vl"}
 
 
-@pytest.fixture(scope="module", params=sorted(STOCK_TOKENS))
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
+FAMILY_ORDER = sorted(STOCK_TOKENS)
+SERVE_ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", "tiny",
+              "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--keep", "24"]
+
+
+@pytest.fixture(scope="module")
+def family_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """The module's servers by family, launched by `served`; any left are stopped at the end."""
+    servers: dict[str, ServerProcess] = {}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=FAMILY_ORDER)
+def served(
+    request: pytest.FixtureRequest, family_servers: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, ServerProcess]]:
+    # A server spends ~40 s starting, mostly importing torch and vLLM in its three processes
+    # (one core each at a time): servers start in pairs of families, two at once on the two
+    # cores, and at most two are alive (memory).
     family = request.param
-    model = request.getfixturevalue(CHECKPOINTS[family])
-    args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", "tiny",
-            "--limit-mm-per-prompt", '{"image": 2, "video": 0}', "--keep", "24"]
-    log = tmp_path_factory.mktemp("server") / f"{family}.log"
-    with ServerProcess(str(model), args, free_port(), log) as process:
-        yield family, process
+    if family not in family_servers:
+        start = FAMILY_ORDER.index(family)
+        for name in FAMILY_ORDER[start : start + 2]:
+            model = request.getfixturevalue(CHECKPOINTS[name])
+            log = tmp_path_factory.mktemp("server") / f"{name}.log"
+            family_servers[name] = ServerProcess(str(model), SERVE_ARGS, free_port(), log).launch()
+    server = family_servers[family].wait_ready()
+    yield family, server
+    server.stop()
 
 
 def _chat(server: ServerProcess, images: list[int], **extra: object) -> requests.Response:

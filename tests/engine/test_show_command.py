@@ -73,20 +73,28 @@ def test_patches_map_back_to_the_original_pixels(family: str, request: pytest.Fi
         assert float(widths.min()) > 5 and float(boxes[:, 0].min()) > -1 and float(boxes[:, 2].max()) < width + 1
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _show_files(request: pytest.FixtureRequest, family: str, tmp_path: Path, seed: int) -> tuple[Path, Path, Path]:
+    """(the family's checkpoint, a 500 x 380 textured image written to disk, the figure to write)."""
+    from vllm_promprune.testing.synthetic import textured_image
+
+    image_path = tmp_path / "image.png"
+    textured_image(seed, 500, 380).save(image_path)
+    return request.getfixturevalue(FAMILIES[family]), image_path, tmp_path / "figure.png"
+
+
 @pytest.mark.parametrize("family", ["llava-next", "qwen3-vl"])
 def test_show_draws_every_method_and_promprune_stages(family: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     from vllm_promprune.reference import load_reference
-    from vllm_promprune.testing.synthetic import textured_image
     from vllm_promprune.tools.show import image_tokens, select
 
-    model = request.getfixturevalue(FAMILIES[family])
-    image_path = tmp_path / "image.png"
-    textured_image(3, 500, 380).save(image_path)
-    out = tmp_path / "figure.png"
+    model, image_path, out = _show_files(request, family, tmp_path, seed=3)
     main(["show", str(image_path), "--model", str(model), "--keep", "24", "--methods", "promprune,divprune,uniform",
           "--out", str(out)])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes()[:8] == PNG
     with Image.open(out) as figure:
         assert figure.size[0] > 1000  # five panels: image, saliency, three methods
     printed = capsys.readouterr().out
@@ -112,17 +120,13 @@ def test_show_draws_every_method_and_promprune_stages(family: str, request: pyte
 def test_show_draws_what_cdpruner_keeps_for_the_question(family: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     from vllm_promprune.reference import load_reference
-    from vllm_promprune.testing.synthetic import textured_image
     from vllm_promprune.tools.show import image_tokens, question_embeddings, select
 
-    model = request.getfixturevalue(FAMILIES[family])
-    image_path = tmp_path / "image.png"
-    textured_image(5, 500, 380).save(image_path)
-    out = tmp_path / "figure.png"
+    model, image_path, out = _show_files(request, family, tmp_path, seed=5)
     question = "What colour is the car on the left?"
     main(["show", str(image_path), "--model", str(model), "--keep", "20", "--methods", "cdpruner,uniform",
           "--prompt", question, "--out", str(out)])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes()[:8] == PNG
     assert "cdpruner: 20 kept" in capsys.readouterr().out
 
     reference = load_reference(model)

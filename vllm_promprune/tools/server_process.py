@@ -38,19 +38,33 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
+        self._launched = 0.0
 
     def start(self, timeout: float = 600.0) -> ServerProcess:
+        """Launch the server and wait until /health answers."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ServerProcess:
+        """Start the server process without waiting for it (then `wait_ready`); idempotent."""
+        if self.process is not None:
+            return self
         command = [
             sys.executable, "-m", "vllm_promprune.tools.cli", "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), *self.serve_args,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        started = time.monotonic()
+        self._launched = time.monotonic()
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
-        while time.monotonic() - started < timeout:
+        return self
+
+    def wait_ready(self, timeout: float = 600.0) -> ServerProcess:
+        """Wait until the launched server answers /health (`startup_seconds`: since its launch)."""
+        if self.process is None:
+            raise RuntimeError("wait_ready before launch")
+        while time.monotonic() - self._launched < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"server exited with code {self.process.returncode}; log: {self.log_path}\n"
@@ -58,7 +72,7 @@ class ServerProcess:
                 )
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.startup_seconds = time.monotonic() - started
+                    self.startup_seconds = time.monotonic() - self._launched
                     return self
             except requests.RequestException:
                 pass
