@@ -43,7 +43,7 @@ def instruction_tokens(prompt: Sequence[int], excluded: frozenset[int]) -> list[
     """A request's instruction for CDPruner: its prompt token ids without `excluded`
     (`non_instruction_ids`), in prompt order. Chat-template text that is not a special
     token stays (LLaVA-1.5's "USER:" / "ASSISTANT:", Qwen's role names and system prompt);
-    every user turn of a multi-turn chat is part of it."""
+    in a multi-turn chat, every turn's text (the assistant's too) is part of it."""
     return [token for token in prompt if token not in excluded]
 
 

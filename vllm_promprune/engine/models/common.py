@@ -78,7 +78,6 @@ def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, INSTRUCTION_KEY)}
 
 
-
 class UnprunedMaxTokensMixin:
     """Mix into a `BaseProcessingInfo` subclass (first in the bases).
 
