@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from .methods import METHODS, TokenBatch, reduce_tokens
 from .methods.controls import uniform
+from .methods.promprune import spectral_entropy
+from .methods.prunesid import redundancy
 from .settings import PruneSettings
 
 CLS_TOWER_INPUTS: frozenset[str] = frozenset(TokenBatch._fields)
@@ -45,6 +48,65 @@ def instruction_tokens(prompt: Sequence[int], excluded: frozenset[int]) -> list[
     token stays (LLaVA-1.5's "USER:" / "ASSISTANT:", Qwen's role names and system prompt);
     in a multi-turn chat, every turn's text (the assistant's too) is part of it."""
     return [token for token in prompt if token not in excluded]
+
+
+def image_complexity(signal: str, patches: torch.Tensor, projected: Callable[[], torch.Tensor]) -> float:
+    """An image's complexity c_i for adaptive budgets, in float32 whatever the tower's dtype.
+
+    `patches` [N, Dv] are its pre-projector patch features; `projected()` gives its LLM
+    embeddings [N, D]. 'phi' = 1 - rho (mean pairwise cosine of the patches, PruneSID-Dyn);
+    'spectral_entropy' = PromPrune's normalised spectral entropy of the projected tokens
+    (0 for a single token). One host read: it runs in the planning pass, once per image.
+    """
+    if signal == "phi":
+        return float(1.0 - redundancy(patches.float()))
+    if patches.shape[0] < 2:
+        return 0.0
+    return float(spectral_entropy(projected().float()))
+
+
+@dataclass
+class PlanningPass:
+    """The engine's planning pass over one image: its identity before planning (the plan
+    key its budget and rows are stored under) and the settings the pass decided."""
+
+    plan_key: str
+    planned: list[PruneSettings] = field(default_factory=list)
+
+
+PLANNING_PASS: ContextVar[PlanningPass | None] = ContextVar("promprune_planning_pass", default=None)
+"""Set by the engine's planning pass while it runs an image through its family's embedding."""
+
+
+def plan_budgets(
+    settings: Sequence[PruneSettings], patches: torch.Tensor, projected: Callable[[], torch.Tensor]
+) -> list[PruneSettings]:
+    """`settings` with every unplanned adaptive budget decided from its image's complexity.
+
+    `patches` [B, N, Dv] and `projected()` [B, N, D] are the images' tokens. Only the
+    engine's planning pass (`PLANNING_PASS`) may meet unplanned settings: anywhere else
+    their placeholder count would be unknown, so that raises AssertionError.
+    """
+    if not any(image_settings.needs_plan for image_settings in settings):
+        return list(settings)
+    current = PLANNING_PASS.get()
+    if current is None:
+        raise AssertionError("adaptive settings reached selection without a planning pass")
+    cached: list[torch.Tensor] = []
+
+    def projected_once() -> torch.Tensor:
+        if not cached:
+            cached.append(projected())
+        return cached[0]
+
+    planned = []
+    for image, image_settings in enumerate(settings):
+        if image_settings.needs_plan:
+            value = image_complexity(image_settings.complexity, patches[image], lambda image=image: projected_once()[image])
+            image_settings = image_settings.planned_for(value, current.plan_key)
+            current.planned.append(image_settings)
+        planned.append(image_settings)
+    return planned
 
 
 SelectionFailureHandler = Callable[[PruneSettings, int, BaseException], None]
@@ -167,6 +229,7 @@ def prune_images_indexed(
     patches = tower.hidden[:, 1:]
     projected = project(patches) if tower.features is None else tower.features  # [B, N, D]
     num_tokens = patches.shape[1]
+    settings = plan_budgets(settings, patches, lambda: projected)
     rows: list[PrunedImage | None] = [None] * len(settings)
     groups: dict[tuple[str, int | None], list[int]] = {}  # (settings, instruction length) -> images
     for image, image_settings in enumerate(settings):

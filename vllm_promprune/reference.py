@@ -70,10 +70,12 @@ class PrunedLlavaReference:
         return pixel_values.to(self.model.dtype)
 
     @torch.inference_mode()
-    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """What PromPrune's split sees for one image: projected tokens [N, D] and saliency [N]."""
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What PromPrune's split and adaptive budgets see for one image: pre-projector patch
+        tokens [N, Dv], projected tokens [N, D] and saliency [N]."""
         tower = self.tower_output(self.pixel_values([image]))
-        return self.model.model.multi_modal_projector(tower.hidden[0, 1:]), tower.saliency[0]
+        patches = tower.hidden[0, 1:]
+        return patches, self.model.model.multi_modal_projector(patches), tower.saliency[0]
 
     @torch.inference_mode()
     def pruned_embeddings(
@@ -160,16 +162,16 @@ class PrunedLlavaNextReference(PrunedLlavaReference):
     """
 
     @torch.inference_mode()
-    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The image's content tokens (base view + unpadded grid, `budget_mode: global`):
-        projected [N, D] and each view's own CLS attention [N]."""
+        pre-projector [N, Dv], projected [N, D] and each view's own CLS attention [N]."""
         processed = self.processor.image_processor([image], return_tensors="pt")
         height, width = processed["image_sizes"][0].tolist()
         vision = self.config.vision_config
         layout = anyres_layout(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
         tower = self.tower_output(processed["pixel_values"][0, : layout.num_views].to(self.model.dtype))
         patches = tower.hidden[:, 1:].flatten(0, 1)[layout.content_index]
-        return self.model.model.multi_modal_projector(patches), tower.saliency.flatten()[layout.content_index]
+        return patches, self.model.model.multi_modal_projector(patches), tower.saliency.flatten()[layout.content_index]
 
     @torch.inference_mode()
     def pruned_embeddings(
@@ -268,12 +270,13 @@ class PrunedQwen2VLReference:
         return {}
 
     @torch.inference_mode()
-    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """What PromPrune's split sees for one image: merged tokens projected by the merger
-        [N, D] and their received attention [N]."""
+    def split_inputs(self, image: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What PromPrune's split and adaptive budgets see for one image: the merged tokens
+        before [N, Dm] and after the merger's projection [N, D], and their received attention [N]."""
         inputs = self.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
         (tower,) = self.tower_outputs(inputs["pixel_values"], inputs["image_grid_thw"])
-        return merger_projection(self.model.model.visual.merger)(tower.hidden[0, 1:]), tower.saliency[0]
+        patches = tower.hidden[0, 1:]
+        return patches, merger_projection(self.model.model.visual.merger)(patches), tower.saliency[0]
 
     @torch.inference_mode()
     def greedy(

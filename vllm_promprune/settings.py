@@ -6,10 +6,19 @@ budget per image of the request, in prompt order. The server-wide default lives 
 (`--hf-overrides '{"promprune": {...}}'`, written by `vllm-promprune serve --keep`)
 and is merged key by key under the request's settings. No settings, or neither
 `keep` nor `ratio`, means no pruning.
+
+`keep_mode: "adaptive"` makes `keep` an average: each image gets
+`K_i = max(1, round(keep * c_i / c_ref))` (at most its N_i tokens), where c_i is the
+image's complexity (`complexity`: phi = 1 - rho, or PromPrune's spectral entropy) and
+c_ref its calibrated reference (`phi_ref` / `entropy_ref`). c_i is known only after
+the vision tower: the engine's processor asks for it in a planning pass and stores
+the outcome in `planned` (docs/dynamic-budgets.md). `"method": "prunesid_dyn"` is
+PruneSID with `keep_mode: "adaptive"` and `complexity: "phi"` (PruneSID-Dyn).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -32,7 +41,23 @@ SETTINGS_KEY = "promprune"
 """Key of the settings dict in `mm_processor_kwargs` and in the model config."""
 
 BudgetMode = Literal["global", "per_crop"]
+KeepMode = Literal["fixed", "adaptive"]
+Complexity = Literal["phi", "spectral_entropy"]
 MAX_KEEP = 2**31 - 1
+DYNAMIC_METHODS: Mapping[str, tuple[str, Complexity]] = {"prunesid_dyn": ("prunesid", "phi")}
+"""Method names that are a selection method with adaptive budgets: name -> (method, complexity)."""
+REFERENCE_NAMES: Mapping[str, str] = {"phi": "phi_ref", "spectral_entropy": "entropy_ref"}
+"""The settings field holding each complexity signal's calibrated reference value."""
+
+
+class PlannedBudget(BaseModel):
+    """What the planning pass decided for one adaptive image (set by the engine, never by a client)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    average_keep: int = Field(ge=1, le=MAX_KEEP)
+    complexity: float = Field(allow_inf_nan=False, description="the image's measured complexity c_i")
+    plan_key: str = Field(description="the image's identity before planning (the worker-side cache key)")
 
 
 class PruneSettings(BaseModel):
@@ -55,14 +80,42 @@ class PruneSettings(BaseModel):
         description="'global' (one selection over the whole image) or 'per_crop' (budget split "
         "over a multi-crop image's views; the same as global for single-view images)",
     )
+    keep_mode: KeepMode = Field(
+        "fixed",
+        description="'fixed' (every image keeps `keep`) or 'adaptive' (`keep` is the average; each "
+        "image's budget scales with its complexity, see docs/dynamic-budgets.md)",
+    )
+    complexity: Complexity = Field(
+        "phi",
+        description="the complexity signal of adaptive budgets: 'phi' (1 - mean pairwise cosine of the "
+        "patch features, PruneSID-Dyn) or 'spectral_entropy' (PromPrune's normalised spectral entropy)",
+    )
+    phi_ref: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="a positive number: the median phi of your images (`vllm-promprune calibrate` reports it)",
+    )
+    entropy_ref: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="a positive number: the median spectral entropy of your images (calibrate's mu)",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Validated method options."
     )
+    planned: PlannedBudget | None = Field(None, description="set by the engine's planning pass only")
 
     @model_validator(mode="after")
     def _one_budget(self) -> PruneSettings:
         if self.keep is not None and self.ratio is not None:
             raise ValueError("set either keep or ratio, not both")
+        if self.keep_mode == "adaptive" and self.ratio is not None:
+            raise ValueError("keep_mode 'adaptive' scales an average keep: set keep, not ratio")
+        if self.keep_mode == "adaptive" and self.keep is not None and self.complexity_ref is None:
+            name = REFERENCE_NAMES[self.complexity]
+            raise ValueError(
+                f"keep_mode 'adaptive' with complexity {self.complexity!r} needs {name}, the median "
+                f"{self.complexity} of your images: run `vllm-promprune calibrate` and set it in the server "
+                "default (the presets carry it) or in the request"
+            )
         return self
 
     @field_validator("order")
@@ -83,11 +136,36 @@ class PruneSettings(BaseModel):
                 f"{tower_name} does not provide; use one of {usable}"
             )
 
+    @property
+    def complexity_ref(self) -> float | None:
+        """The calibrated reference of this settings' complexity signal."""
+        return self.phi_ref if self.complexity == "phi" else self.entropy_ref
+
+    @property
+    def needs_plan(self) -> bool:
+        """Adaptive settings whose budget the planning pass has not decided yet."""
+        return self.keep_mode == "adaptive" and self.keep is not None and self.planned is None
+
+    def planned_for(self, complexity: float, plan_key: str) -> PruneSettings:
+        """These adaptive settings with the budget of an image of measured `complexity`:
+        keep = max(1, round_half_to_even(keep * complexity / ref)) (clamped to N by `kept_tokens`)."""
+        if not self.needs_plan:
+            raise ValueError("only adaptive settings without a planned budget can be planned")
+        if not math.isfinite(complexity):
+            raise ValueError(f"image complexity must be finite, got {complexity}")
+        scaled = self.keep * complexity / self.complexity_ref  # may overflow to inf for a tiny ref
+        keep = MAX_KEEP if scaled >= MAX_KEEP else max(1, round(scaled))
+        planned = PlannedBudget(average_keep=self.keep, complexity=complexity, plan_key=plan_key)
+        return self.model_copy(update={"keep": keep, "planned": planned})
+
     def kept_tokens(self, num_tokens: int) -> int:
         """Number of visual tokens an image of `num_tokens` keeps (= placeholders).
 
-        `ratio` keeps round_half_to_even(ratio * N) tokens, at least 1.
+        `ratio` keeps round_half_to_even(ratio * N) tokens, at least 1. Adaptive
+        settings have a count only once planned (`planned_for`).
         """
+        if self.needs_plan:
+            raise ValueError("an adaptive budget is known only after the planning pass (planned_for)")
         if self.ratio is not None:
             return max(1, round(self.ratio * num_tokens))
         return num_tokens if self.keep is None else min(self.keep, num_tokens)
@@ -110,7 +188,8 @@ class PruneSettings(BaseModel):
         return self.has_budget and "instruction" in METHODS[self.method].needs
 
     def prunes(self, num_tokens: int) -> bool:
-        return self.kept_tokens(num_tokens) < num_tokens
+        """Whether an image of `num_tokens` keeps fewer; unplanned adaptive settings are taken to prune."""
+        return self.needs_plan or self.kept_tokens(num_tokens) < num_tokens
 
     def reads_saliency(self, num_tokens: int) -> bool:
         """Whether selecting among an image's `num_tokens` tokens reads the tower's saliency:
@@ -128,8 +207,9 @@ class PruneSettings(BaseModel):
         return torch.frombuffer(bytearray(self.model_dump_json().encode()), dtype=torch.uint8)
 
 
-SETTING_NAMES = tuple(name for name in PruneSettings.model_fields if name != "options")
-"""Keys of a settings dict that are settings; every other key is a method option."""
+SETTING_NAMES = tuple(name for name in PruneSettings.model_fields if name not in ("options", "planned"))
+"""Keys of a settings dict that are settings; every other key is a method option (`planned` is
+the engine's, so a client sending it gets an unknown-option error)."""
 
 
 def parse_settings(
@@ -159,6 +239,8 @@ def parse_settings(
         # options that belong to the default's method.
         default = {key: value for key, value in default.items() if key in SETTING_NAMES}
     merged: dict[str, object] = {**default, **raw}
+    if isinstance(merged.get("method"), str) and merged["method"] in DYNAMIC_METHODS:
+        merged = _dynamic_method(merged)
     method = check_method(merged.get("method", "promprune"), f"{SETTINGS_KEY}.")
     options = {k: v for k, v in merged.items() if k not in SETTING_NAMES}
     accepted = METHODS[method].options.model_fields
@@ -173,11 +255,28 @@ def parse_settings(
             method=method,
             order=merged.get("order", "spatial"),
             budget_mode=merged.get("budget_mode", "global"),
+            keep_mode=merged.get("keep_mode", "fixed"),
+            complexity=merged.get("complexity", "phi"),
+            phi_ref=merged.get("phi_ref"),
+            entropy_ref=merged.get("entropy_ref"),
             options=parsed_options.model_dump(),
         )
     except ValidationError as error:
         problems = describe_validation_error(error, f"{SETTINGS_KEY}.", PruneSettings)
         raise ValueError(f"invalid {SETTINGS_KEY} settings: {problems}") from None
+
+
+def _dynamic_method(merged: Mapping[str, object]) -> dict[str, object]:
+    """Settings naming a DYNAMIC_METHODS alias, spelled as its method with adaptive budgets."""
+    name = merged["method"]
+    method, complexity = DYNAMIC_METHODS[name]  # type: ignore[index]
+    for key, value in (("keep_mode", "adaptive"), ("complexity", complexity)):
+        if merged.get(key, value) != value:
+            raise ValueError(
+                f"{SETTINGS_KEY}.{key}: method {name!r} is {method!r} with keep_mode 'adaptive' and "
+                f"complexity {complexity!r}; got {key} {merged[key]!r}"
+            )
+    return {**merged, "method": method, "keep_mode": "adaptive", "complexity": complexity}
 
 
 PER_IMAGE_KEYS = ("keep", "ratio")

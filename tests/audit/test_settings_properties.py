@@ -13,6 +13,8 @@ call, on small tensors of each family's real layout. The guard is off
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,7 +25,14 @@ from vllm_promprune.families.anyres import anyres_layout, prune_anyres
 from vllm_promprune.families.qwen_vision import QWEN_OPTION_DEFAULTS, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, grid_offsets
 from vllm_promprune.methods import METHODS
 from vllm_promprune.methods.controls import MAX_SEED
-from vllm_promprune.pruning import CLS_TOWER_INPUTS, TowerOutput, prune_images, prune_images_indexed
+from vllm_promprune.pruning import (
+    CLS_TOWER_INPUTS,
+    PLANNING_PASS,
+    PlanningPass,
+    TowerOutput,
+    prune_images,
+    prune_images_indexed,
+)
 from vllm_promprune.settings import MAX_KEEP, PruneSettings, parse_image_settings
 
 SIDE = 8  # patches per view side: LLaVA layout at a small scale (CLS + SIDE^2 patches)
@@ -94,6 +103,11 @@ def raw_settings(draw: st.DrawFn, max_tokens: int, method: str) -> dict[str, obj
         raw["order"] = draw(st.sampled_from(["spatial", "selection", "nope"]))
     if draw(st.booleans()):
         raw["budget_mode"] = draw(st.sampled_from(["global", "per_crop", "nope"]))
+    if draw(st.booleans()):  # adaptive budgets (planned in `_planning`)
+        raw["keep_mode"] = draw(st.sampled_from(["adaptive", "adaptive", "fixed", "nope"]))
+        for name in draw(st.lists(st.sampled_from(["complexity", "phi_ref", "entropy_ref"]), unique=True)):
+            raw[name] = draw(st.sampled_from(["phi", "spectral_entropy", "nope"]) if name == "complexity"
+                             else st.one_of(_near(0.0, 2.0), st.sampled_from([1e-300, 1e300])))
     return raw
 
 
@@ -104,15 +118,38 @@ def _accepted(
     inputs: frozenset[str] = CLS_TOWER_INPUTS,
     tower_name: str = "the tower",
     option_defaults: dict[str, object] | None = None,
+    plans_budgets: bool = True,
 ) -> list[PruneSettings] | None:
-    """What the processor would accept (None: it answers 400)."""
+    """What the processor would accept (None: it answers 400); adaptive budgets only where
+    the family plans them (`PruningProcessorMixin.plans_budgets`)."""
     try:
         parsed = parse_image_settings(raw, num_images, default, option_defaults)
         for image_settings in parsed:
             image_settings.check_inputs(inputs, tower_name)
     except ValueError:
         return None
+    if not plans_budgets and any(image_settings.needs_plan for image_settings in parsed):
+        return None
     return parsed
+
+
+@contextmanager
+def _planning() -> Iterator[PlanningPass]:
+    """The engine's planning pass around a selection: adaptive settings are decided in it."""
+    current = PlanningPass("plan key")
+    token = PLANNING_PASS.set(current)
+    try:
+        yield current
+    finally:
+        PLANNING_PASS.reset(token)
+
+
+def _planned(parsed: list[PruneSettings], current: PlanningPass) -> list[PruneSettings]:
+    """`parsed` with each adaptive image's settings as the planning pass decided them."""
+    decided = iter(current.planned)
+    planned = [next(decided) if image_settings.needs_plan else image_settings for image_settings in parsed]
+    assert next(decided, None) is None
+    return planned
 
 
 def _tower(num_views: int, num_patches: int, generator: torch.Generator, keys: bool = True) -> TowerOutput:
@@ -144,7 +181,10 @@ def _instructions(parsed: list[PruneSettings], instruction: tuple[int, bool], se
     return [rows if image_settings.reads_instruction else None for image_settings in parsed]
 
 
-DEFAULTS = st.one_of(st.none(), st.just({"keep": 16}), st.just({"keep": 16, "mu": 0.3, "method": "promprune"}))
+DEFAULTS = st.one_of(
+    st.none(), st.just({"keep": 16}), st.just({"keep": 16, "mu": 0.3, "method": "promprune"}),
+    st.just({"keep": 16, "phi_ref": 0.4, "entropy_ref": 0.6}), st.just({"method": "prunesid_dyn", "keep": 24, "phi_ref": 0.4}),
+)
 
 
 @EVERY_METHOD
@@ -159,8 +199,9 @@ def test_llava_accepts_only_what_runs(
     if parsed is None:
         return
     tower = _tower(num_images, NUM_PATCHES, torch.Generator().manual_seed(seed))
-    rows = prune_images(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
-    for image_rows, image_settings in zip(rows, parsed, strict=True):
+    with _planning() as current:
+        rows = prune_images(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
+    for image_rows, image_settings in zip(rows, _planned(parsed, current), strict=True):
         assert image_rows.shape == (image_settings.placeholders(NUM_PATCHES, NUM_PATCHES), WIDTH)
         assert torch.isfinite(image_rows).all()
 
@@ -186,8 +227,10 @@ def test_llava_next_accepts_only_what_runs(
         return
     tower = _tower(layout.num_views, NUM_PATCHES, torch.Generator().manual_seed(seed))
     (image_instruction,) = _instructions(parsed, instruction, seed)
-    rows = prune_anyres(tower, layout, parsed[0], _project, instruction=image_instruction)
-    assert rows.shape == (parsed[0].kept_tokens(layout.num_content), WIDTH)
+    with _planning() as current:
+        rows = prune_anyres(tower, layout, parsed[0], _project, instruction=image_instruction)
+    (planned,) = _planned(parsed, current)
+    assert rows.shape == (planned.kept_tokens(layout.num_content), WIDTH)
 
 
 @EVERY_METHOD
@@ -199,7 +242,7 @@ def test_qwen_accepts_only_what_runs(
 ) -> None:
     raw = data.draw(raw_settings(NUM_PATCHES, method))
     num_tokens = grid[0] * grid[1]
-    parsed = _accepted(raw, 1, default, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, QWEN_OPTION_DEFAULTS)
+    parsed = _accepted(raw, 1, default, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, QWEN_OPTION_DEFAULTS, plans_budgets=False)
     if parsed is None or not parsed[0].prunes(num_tokens):
         return
     tower = _tower(1, num_tokens, torch.Generator().manual_seed(seed), keys=False)

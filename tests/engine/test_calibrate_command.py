@@ -64,6 +64,8 @@ def test_calibrate_writes_mu_distributions_and_histogram(family: str, tmp_path: 
     assert report["images"] == len(rows) == 6 and {Path(row["image"]).suffix for row in rows} == {".png", ".jpg"}
     assert all(row["tokens"] == tokens for row in rows)
     assert report["recommended_mu"] == statistics.median(row["spectral_entropy"] for row in rows)
+    assert report["recommended_phi_ref"] == statistics.median(row["phi"] for row in rows)
+    assert len({row["phi"] for row in rows}) == 6 and all(0.0 < row["phi"] <= 2.0 for row in rows)
     assert all(0.0 <= row[name] <= 1.0 for row in rows for name in ("spectral_entropy", "attention_entropy"))
     assert all(0 <= row["k_sal"] <= 16 for row in rows)
     expected = _transformers_features(model_dir, family, textured_image(0, width, height))

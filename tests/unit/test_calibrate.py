@@ -9,7 +9,8 @@ from vllm_promprune.tools.calibrate import calibrate, distribution
 
 def _rows(entropies: list[float], tokens: int = 576) -> list[dict[str, object]]:
     return [
-        {"image": f"{i}.png", "tokens": tokens, "spectral_entropy": e, "attention_entropy": 0.5, "feature_norm_entropy": 0.9}
+        {"image": f"{i}.png", "tokens": tokens, "phi": 1.0 - e / 2, "spectral_entropy": e, "attention_entropy": 0.5,
+         "feature_norm_entropy": 0.9}
         for i, e in enumerate(entropies)
     ]
 
@@ -17,6 +18,7 @@ def _rows(entropies: list[float], tokens: int = 576) -> list[dict[str, object]]:
 def test_mu_is_the_median_and_k_sal_follows_the_split() -> None:
     report = calibrate(_rows([0.9, 0.2, 0.5]), keep=64, tau=0.02)
     assert report["recommended_mu"] == 0.5
+    assert report["recommended_phi_ref"] == 0.75 and report["distributions"]["phi"]["max"] == 0.9
     # Far above mu: every token to coverage; far below: every token to saliency; at mu: half.
     assert [row["k_sal"] for row in report["per_image"]] == [0, 64, 32]
     assert report["distributions"]["spectral_entropy"]["median"] == 0.5

@@ -93,7 +93,7 @@ def test_missing_inputs_are_named() -> None:
 
 
 def test_prunesid_dyn_explains_why_it_is_not_per_image() -> None:
-    with pytest.raises(ValueError, match="placeholder count before"):
+    with pytest.raises(ValueError, match="prunesid_dynamic_budgets"):
         parse_options("prunesid_dyn", {})
 
 

@@ -5,7 +5,8 @@ Install with `--middleware vllm_promprune.engine.middleware.PruningSettingsMiddl
 `vllm_xargs.promprune_*` keys into `mm_processor_kwargs.promprune`, where vLLM's
 multimodal processor and hash see them, and answers 400 if the two routes
 disagree. The settings themselves are validated by the pruned processor, which
-also knows the server default they are merged over.
+also knows the server default they are merged over. It also hands the server's
+engine client to `planning`, whose planning pass serves adaptive budgets.
 
 A body that cannot hold a pruning key is passed on as it came, without being
 parsed (see `may_hold_settings`): chat bodies carry multi-MB base64 images, and
@@ -14,11 +15,13 @@ parsing runs on the server's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..settings import SETTINGS_KEY
+from . import planning
 from .routes import XARGS_PREFIX, combine_routes, settings_from_xargs, without_settings_keys
 
 Scope = MutableMapping[str, Any]
@@ -57,6 +60,10 @@ class PruningSettingsMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        engine_client = getattr(getattr(app, "state", None), "engine_client", None)
+        if engine_client is not None:  # adaptive budgets plan through it (`planning`)
+            planning.attach_async_engine(engine_client, asyncio.get_running_loop())
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
             await self.app(scope, receive, send)
             return

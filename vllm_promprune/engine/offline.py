@@ -15,6 +15,7 @@ from vllm import LLM, SamplingParams
 from vllm.outputs import RequestOutput
 
 from ..settings import SETTINGS_KEY
+from . import planning
 from .plugin import NO_VIDEO_PRUNING, hf_overrides, stock_architecture, video_pruning_refused
 from .routes import combine_routes
 
@@ -33,7 +34,9 @@ class PromPruneLLM(LLM):
         if kwargs.get("video_pruning_rate") and architecture in NO_VIDEO_PRUNING:
             raise video_pruning_refused(NO_VIDEO_PRUNING[architecture])  # before the engine starts
         kwargs.setdefault("hf_overrides", hf_overrides(architecture, default_settings))
+        kwargs.setdefault("worker_extension_cls", planning.WORKER_EXTENSION)  # adaptive budgets' planning pass
         super().__init__(model, **kwargs)
+        planning.attach_llm(self)
 
     def generate(  # type: ignore[override]
         self,

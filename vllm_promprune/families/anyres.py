@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from ..pruning import Instructions, SelectionFailureHandler, TowerOutput, prune_images
+from ..pruning import Instructions, SelectionFailureHandler, TowerOutput, plan_budgets, prune_images
 from ..settings import PruneSettings
 
 
@@ -151,7 +151,10 @@ def prune_anyres_images(
     groups that batch by settings, so each image gets what it would get alone.
     """
     parts: list[tuple[int, int, torch.Tensor, PruneSettings]] = []  # (image, view, index, settings)
-    for image, (_, layout, settings) in enumerate(images):
+    for image, (tower, layout, settings) in enumerate(images):
+        if settings.needs_plan:  # the engine's planning pass: decide the budget from the content tokens
+            content = tower.hidden[:, 1:].flatten(0, 1)[layout.content_index][None]
+            settings = plan_budgets([settings], content, lambda content=content: project(content))[0]
         keep = settings.kept_tokens(layout.num_content)
         if settings.budget_mode == "global":
             parts.append((image, 0, layout.content_index, settings.model_copy(update={"keep": keep, "ratio": None})))

@@ -143,12 +143,12 @@ def register_method(name: str, spec: MethodSpec) -> None:
 
 ENGINE_UNAVAILABLE: Mapping[str, str] = {
     "prunesid_dyn": (
-        "PruneSID-Dyn sets each image's budget from its redundancy, which is only known "
-        "after the vision tower runs, but vLLM fixes an image's placeholder count before "
-        "that; use 'prunesid' with a fixed keep in the engine, or "
-        "vllm_promprune.methods.prunesid_dynamic_budgets with the transformers reference"
+        "PruneSID-Dyn is PruneSID with a budget per image, set from its redundancy: select each "
+        "image with 'prunesid' and the budget vllm_promprune.methods.prunesid_dynamic_budgets gives "
+        "it; in the engine's settings, 'prunesid_dyn' names that rule (keep is the average budget)"
     ),
 }
+"""Method names that are no single-image selection, and what to use instead."""
 
 
 def check_method(method: object, field_prefix: str = "") -> str:

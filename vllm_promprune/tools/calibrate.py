@@ -1,4 +1,4 @@
-"""`vllm-promprune calibrate`: PromPrune's entropy midpoint mu for a model and its images.
+"""`vllm-promprune calibrate`: PromPrune's mu and the adaptive budgets' phi_ref for a model and its images.
 
 The paper sets mu to the median normalised spectral entropy of the projected visual
 tokens over a calibration set (then a small grid search on quality). This command
@@ -8,9 +8,15 @@ entropy the engine's split sees (the engine is tested against that reference), w
 server to start. It loads the full model once, on the CPU: for a 7B model use a
 machine with the memory for it and a modest image set.
 
-Writes `calibration.json` (per image: tokens, spectral / attention / feature-norm
-entropy and K_sal at the recommended mu; their distributions; the recommended mu) and
-`entropy_histogram.png` (spectral entropy, mu marked) to `--out`.
+The same pass measures each image's phi = 1 - rho (PruneSID-Dyn's information score,
+the mean pairwise cosine rho of the pre-projector patch tokens, as the engine's planning
+pass computes it): its median is `phi_ref`, the reference of adaptive budgets
+(`keep_mode: "adaptive"`, `prunesid_dyn`), and the median spectral entropy (mu) is
+`entropy_ref`.
+
+Writes `calibration.json` (per image: tokens, phi, spectral / attention / feature-norm
+entropy and K_sal at the recommended mu; their distributions; the recommended mu and
+phi_ref) and `entropy_histogram.png` (spectral entropy, mu marked) to `--out`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 ENTROPIES = ("spectral_entropy", "attention_entropy", "feature_norm_entropy")
+MEASURES = ("phi", *ENTROPIES)
 
 
 def image_paths(folder: Path) -> list[Path]:
@@ -48,20 +55,22 @@ def distribution(values: Sequence[float]) -> dict[str, float]:
 
 
 def measure(reference: object, paths: Sequence[Path]) -> list[dict[str, object]]:
-    """Per image: token count and the three normalised entropies (float32 values)."""
+    """Per image: token count, phi (`pruning.image_complexity`) and the three normalised entropies (float32 values)."""
     from PIL import Image
 
     from ..methods.promprune import attention_entropy, feature_norm_entropy, spectral_entropy
+    from ..pruning import image_complexity
 
     rows = []
     for path in paths:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
-        projected, saliency = reference.split_inputs(image)
+        patches, projected, saliency = reference.split_inputs(image)
         with torch.inference_mode():
             rows.append({
                 "image": str(path),
                 "tokens": int(projected.shape[0]),
+                "phi": image_complexity("phi", patches, lambda projected=projected: projected),
                 "spectral_entropy": float(spectral_entropy(projected)),
                 "attention_entropy": float(attention_entropy(saliency)),
                 "feature_norm_entropy": float(feature_norm_entropy(projected)),
@@ -70,7 +79,8 @@ def measure(reference: object, paths: Sequence[Path]) -> list[dict[str, object]]
 
 
 def calibrate(rows: list[dict[str, object]], keep: int, tau: float) -> dict[str, object]:
-    """The report: recommended mu (median spectral entropy), distributions, K_sal per image."""
+    """The report: recommended mu (median spectral entropy) and phi_ref (median phi),
+    distributions, K_sal per image."""
     from ..methods.promprune import PromPruneOptions, saliency_budget
 
     mu = statistics.median(row["spectral_entropy"] for row in rows)
@@ -80,10 +90,11 @@ def calibrate(rows: list[dict[str, object]], keep: int, tau: float) -> dict[str,
         row["k_sal"] = saliency_budget(torch.tensor(row["spectral_entropy"]), min(keep, row["tokens"]), options)
     return {
         "recommended_mu": mu,
+        "recommended_phi_ref": statistics.median(row["phi"] for row in rows),
         "keep": keep,
         "tau": tau,
         "images": len(rows),
-        "distributions": {name: distribution([row[name] for row in rows]) for name in ENTROPIES},
+        "distributions": {name: distribution([row[name] for row in rows]) for name in MEASURES},
         "k_sal": distribution([row["k_sal"] for row in rows]),
         "per_image": rows,
     }
@@ -127,6 +138,11 @@ def main(args: argparse.Namespace) -> None:
           f"max {spectral['max']:.4f}")
     print(f"recommended mu: {report['recommended_mu']:.4f} (set it as the server default or per request: "
           f'{{"mu": {report["recommended_mu"]:.4f}}})')
+    phi = report["distributions"]["phi"]
+    print(f"phi = 1 - rho: min {phi['min']:.4f}, median {phi['median']:.4f}, max {phi['max']:.4f}")
+    print(f"recommended phi_ref: {report['recommended_phi_ref']:.4f} (adaptive budgets' reference, e.g. "
+          f'{{"method": "prunesid_dyn", "keep": 64, "phi_ref": {report["recommended_phi_ref"]:.4f}}}; '
+          f"entropy_ref for complexity 'spectral_entropy' is mu)")
     k_sal = report["k_sal"]
     print(f"K_sal of keep={args.keep} at tau={args.tau}: min {k_sal['min']:.0f}, median {k_sal['median']:.0f}, "
           f"max {k_sal['max']:.0f}")

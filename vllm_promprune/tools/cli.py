@@ -12,6 +12,8 @@ from ..settings import SETTINGS_KEY, parse_settings
 from .cpu_defaults import apply_cpu_defaults
 
 MIDDLEWARE = "vllm_promprune.engine.middleware.PruningSettingsMiddleware"
+WORKER_EXTENSION = "vllm_promprune.engine.planning.PlanningWorkerExtension"
+"""`planning.WORKER_EXTENSION` (named here so that building the arguments imports no vLLM)."""
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -65,7 +67,9 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
         overrides[SETTINGS_KEY] = default
     installed = MIDDLEWARE in vllm_args or MIDDLEWARE in preset_middleware
     middleware = [] if installed else ["--middleware", MIDDLEWARE]
-    return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *vllm_args]
+    # The planning pass of adaptive budgets (another extension makes them answer 503, saying why).
+    extension = [] if "--worker-extension-cls" in vllm_args else ["--worker-extension-cls", WORKER_EXTENSION]
+    return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *extension, *vllm_args]
 
 
 def refuse_unsupported_checkpoint(model: str, architecture: str, overrides: dict[str, object]) -> None:

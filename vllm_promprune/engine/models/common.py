@@ -24,7 +24,7 @@ from vllm.config import VllmConfig
 from vllm.inputs import MultiModalHashes
 from vllm.logger import init_logger
 from vllm.multimodal.hasher import MultiModalHasher
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItem, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -46,7 +46,7 @@ from ...settings import (
     parse_image_settings,
     select_images,
 )
-from .. import metrics
+from .. import metrics, planning
 
 SETTINGS_FIELD = "promprune_settings"
 """Name of the per-image multimodal kwarg carrying the encoded settings."""
@@ -58,6 +58,9 @@ INSTRUCTION_KEY = "promprune_instruction_tokens"
 PROFILE_INSTRUCTION = (0,)
 """Instruction token ids the memory profile gives its CDPruner selections: the relevance's
 memory does not grow with M past the N x N kernel (`cdpruner_relevance`)."""
+PLANNED_KEY = "promprune_planned"
+"""Processor kwarg the pruned processor adds for adaptive budgets: per image (prompt order)
+`{"complexity": c_i, "plan_key": key}` from the planning pass, or None (`planning`)."""
 MEMORY_PROFILE_KEY = "memory_profile"
 """Key of the SETTINGS_FIELD payload of vLLM's profiling items: the methods the profile runs."""
 
@@ -75,7 +78,7 @@ logger = init_logger(__name__)
 def without_settings(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
     """The kwargs minus the pruning settings and instruction: the HF processor must not see
     them, and vLLM caches HF processors keyed by these kwargs (lists are unhashable)."""
-    return {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, INSTRUCTION_KEY)}
+    return {k: v for k, v in hf_kwargs.items() if k not in (SETTINGS_KEY, INSTRUCTION_KEY, PLANNED_KEY)}
 
 
 class UnprunedMaxTokensMixin:
@@ -98,6 +101,9 @@ class PruningProcessorMixin:
     tower_inputs: ClassVar[frozenset[str]] = CLS_TOWER_INPUTS
     """The `TokenBatch` inputs this family's tower provides (methods needing others are refused)."""
     tower_name: ClassVar[str] = CLS_TOWER_NAME
+    plans_budgets: ClassVar[bool] = False
+    """Whether this family serves adaptive budgets (`keep_mode: "adaptive"`, `prunesid_dyn`)."""
+    family_name: ClassVar[str] = "this model"
 
     def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object], num_images: int) -> list[PruneSettings]:
         """Validated settings for each of the `num_images` images being processed."""
@@ -105,6 +111,15 @@ class PruningProcessorMixin:
         settings = parse_image_settings(
             hf_processor_mm_kwargs.get(SETTINGS_KEY), num_images, server_default, self.option_defaults
         )
+        planned = hf_processor_mm_kwargs.get(PLANNED_KEY)
+        if planned is not None and len(planned) != num_images:
+            raise AssertionError(f"{len(planned)} planned budgets for {num_images} images")
+        for image, image_settings in enumerate(settings):
+            if image_settings.needs_plan and making_dummy_inputs():
+                # vLLM's profiling prompts: stock placeholders (their items carry markers anyway).
+                settings[image] = image_settings.model_copy(update={"keep": None})
+            elif image_settings.needs_plan and planned is not None and planned[image] is not None:
+                settings[image] = image_settings.planned_for(planned[image]["complexity"], planned[image]["plan_key"])
         for image_settings in settings:
             image_settings.check_inputs(self.tower_inputs, self.tower_name)
             if image_settings.reads_instruction and not hf_processor_mm_kwargs.get(INSTRUCTION_KEY):
@@ -120,8 +135,43 @@ class PruningProcessorMixin:
         # The request's instruction rides along with the pruning settings, so that hashing
         # (an image's identity includes it when its method reads it) and processing both see it.
         instruction = self.instruction_tokens(inputs.prompt)
-        with_instruction = {**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: instruction}
-        return super().apply(replace(inputs, hf_processor_mm_kwargs=with_instruction), *args, **kwargs)
+        inputs = replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: instruction})
+        planned = self.planned_budgets(inputs)
+        if planned is not None:
+            inputs = replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, PLANNED_KEY: planned})
+        return super().apply(inputs, *args, **kwargs)
+
+    def planned_budgets(self, inputs: ProcessorInputs) -> list[dict[str, object] | None] | None:
+        """Per image, the planning pass's outcome if its settings are adaptive (None for the
+        others); None if no image's are. Raises ValueError (400) for requests adaptive
+        budgets cannot serve, PlanningUnavailable (503) if the pass cannot run."""
+        num_images = inputs.mm_data_items.get_count("image", strict=False)
+        if making_dummy_inputs() or not num_images:
+            return None
+        settings = self.prune_settings(inputs.hf_processor_mm_kwargs, num_images)
+        adaptive = [image for image, image_settings in enumerate(settings) if image_settings.needs_plan]
+        if not adaptive:
+            return None
+        if not self.plans_budgets:
+            raise ValueError(
+                f"{SETTINGS_KEY}.keep_mode: adaptive budgets ('adaptive', 'prunesid_dyn') are not served for "
+                f"{self.family_name} yet (LLaVA-1.5 and LLaVA-NeXT serve them); use a fixed keep"
+            )
+        if not isinstance(inputs.mm_data_items.get("image"), ImageProcessorItems):
+            raise ValueError(f"{SETTINGS_KEY}.keep_mode: adaptive budgets need image pixels, not embeddings")
+        plan_keys = self._get_mm_hashes(inputs)["image"]
+
+        def encode(positions: Sequence[int]) -> list[MultiModalKwargsItem]:
+            kwargs = inputs.hf_processor_mm_kwargs
+            processed = self._apply_hf_processor_main(inputs.mm_data_items, kwargs)
+            items = MultiModalKwargsItems.from_hf_inputs(processed, self._get_mm_fields_config(processed, kwargs))
+            return [items["image"][adaptive[position]] for position in positions]
+
+        values = planning.complexities(self.info.ctx.model_config, [plan_keys[i] for i in adaptive], encode)
+        planned: list[dict[str, object] | None] = [None] * num_images
+        for image, value in zip(adaptive, values):
+            planned[image] = {"complexity": value, "plan_key": plan_keys[image]}
+        return planned
 
     def instruction_tokens(self, prompt: Sequence[int]) -> list[int]:
         """The prompt's instruction token ids (`pruning.instruction_tokens`)."""
@@ -183,7 +233,10 @@ class PruningProcessorMixin:
         cached = mm_is_cached.get("image", [])
         check_per_image_lengths(raw, len(cached))
         missing = [image for image, is_cached in enumerate(cached) if not is_cached]
-        return {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
+        kwargs = {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
+        if kwargs.get(PLANNED_KEY) is not None:
+            kwargs[PLANNED_KEY] = [kwargs[PLANNED_KEY][image] for image in missing]
+        return kwargs
 
     def num_images(self, processed_data: BatchFeature) -> int:
         """How many images the HF processor output holds (LLaVA layout; Qwen overrides)."""
@@ -417,14 +470,24 @@ def pruned_image_embeddings(
         return list(stock())
     settings: list[PruneSettings] = decoded  # type: ignore[assignment]
     for image_settings, image in zip(settings, geometry):
-        metrics.record_image(image_settings, image.num_content, image.num_stock)
+        if not image_settings.needs_plan:  # a planning pass serves no tokens
+            metrics.record_image(image_settings, image.num_content, image.num_stock)
     if not any(s.prunes(image.num_content) for s, image in zip(settings, geometry)):
         return list(stock())
+    planned_rows = [
+        None if s.planned is None else planning.PLANNED.take(s, s.placeholders(image.num_content, image.num_stock))
+        for s, image in zip(settings, geometry)
+    ]
     instructions = instruction_embeddings(instruction_field, settings, embed_tokens)
     rows: list[torch.Tensor] = []
     for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
-        rows.extend(embed(start, stop, settings[start:stop], instructions[start:stop]))
+        if all(planned is not None for planned in planned_rows[start:stop]):
+            rows.extend(planned_rows[start:stop])  # type: ignore[arg-type]
+        else:
+            rows.extend(embed(start, stop, settings[start:stop], instructions[start:stop]))
     for index, (image_rows, image_settings, image) in enumerate(zip(rows, settings, geometry, strict=True)):
+        if image_settings.needs_plan:
+            continue  # the planning pass: the budget was decided from the tower (`pruning.plan_budgets`)
         expected = image_settings.placeholders(image.num_content, image.num_stock)
         if image_rows.shape[0] != expected:
             raise AssertionError(f"image {index}: {image_rows.shape[0]} rows for {expected} placeholders")

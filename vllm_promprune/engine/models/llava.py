@@ -36,7 +36,7 @@ class PromPruneLlavaProcessingInfo(UnprunedMaxTokensMixin, LlavaProcessingInfo):
 
 
 class PromPruneLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
-    pass
+    plans_budgets = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(
