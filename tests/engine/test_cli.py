@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_promprune.tools.cli import MIDDLEWARE, main, serve_argv
+from vllm_promprune.tools.cli import MIDDLEWARE, WORKER_EXTENSION, main, serve_argv
 
 PRESET = Path(__file__).resolve().parents[2] / "configs" / "cpu-demo.yaml"
 
@@ -36,7 +36,16 @@ def test_stock_checkpoint_gets_pruned_architecture_default_and_middleware(tiny_l
         "promprune": {"keep": 48, "method": "fps"},
     }
     assert argv.count(MIDDLEWARE) == 1 and argv[-2:] == ["--port", "9"]
+    assert argv[argv.index("--worker-extension-cls") + 1] == WORKER_EXTENSION  # adaptive budgets' planning pass
     assert "promprune" not in _overrides(_argv(tiny_llava))  # no default: requests decide
+    own = _argv(tiny_llava, "--worker-extension-cls", "my.Extension")
+    assert own.count("--worker-extension-cls") == 1 and "my.Extension" in own  # a user's own is kept
+
+
+def test_the_worker_extension_is_the_planning_module_s() -> None:
+    from vllm_promprune.engine import planning
+
+    assert WORKER_EXTENSION == planning.WORKER_EXTENSION
 
 
 @pytest.mark.parametrize("preset", sorted((PRESET.parent).glob("*.yaml")))
@@ -54,6 +63,7 @@ def test_presets_are_valid_and_command_line_changes_one_setting(tiny_llava: Path
     merged = _overrides(argv)["promprune"]
     assert merged == {**config["hf-overrides"]["promprune"], "keep": 32}
     assert MIDDLEWARE not in argv[: argv.index("--config")]  # the preset installs it once
+    assert config["worker-extension-cls"] == WORKER_EXTENSION and "--worker-extension-cls" not in argv
 
 
 def test_invalid_server_default_is_refused_before_starting(tiny_llava: Path) -> None:

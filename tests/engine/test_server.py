@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from vllm_promprune.testing.synthetic import scene_image, textured_image
 from vllm_promprune.tools import server_process
@@ -116,7 +117,8 @@ BAD_SETTINGS = [
     ({"keep": 8, "ratio": 0.5}, "keep or ratio"),
     ({"method": "magic"}, "promprune.method"),
     ({"method": 3}, "promprune.method"),
-    ({"method": "prunesid_dyn", "keep": 8}, "needs phi_ref"),
+    ({"method": "prunesid_dyn", "keep": 8, "phi_ref": 0}, "promprune.phi_ref"),  # the preset sets a valid one
+    ({"method": "prunesid_dyn", "ratio": 0.5}, "set keep, not ratio"),
     ({"method": "prunesid_dyn", "keep": 8, "phi_ref": 0.4, "complexity": "spectral_entropy"}, "promprune.complexity"),
     ({"order": "random"}, "promprune.order"),
     ({"wat": 1}, "promprune.wat"),
@@ -164,6 +166,31 @@ def test_metrics_count_tokens_before_and_after_and_time_selection(server: Server
     assert delta('vllm:promprune_visual_tokens_after_total{method="fps"}') == 16
     assert delta('vllm:promprune_selection_seconds_count{method="fps"}') == 1
     assert delta('vllm:promprune_selection_seconds_sum{method="fps"}') > 0
+
+
+def test_prunesid_dyn_is_planned_per_request_through_both_routes(server: ServerProcess, text_tokens: int) -> None:
+    """Adaptive budgets over HTTP: the preset's phi_ref, both routes, one planning pass per
+    new (image, settings), the pass's rows served, another reference another budget."""
+    before = _metric_values(server)
+    dyn = {"method": "prunesid_dyn", "keep": 32}  # phi_ref: the preset's (server default)
+    via_mm = _chat(server, dyn, seed=30)
+    via_xargs = _chat(server, None, seed=30, vllm_xargs={"promprune_method": "prunesid_dyn", "promprune_keep": 32})
+    assert via_mm.status_code == via_xargs.status_code == 200, via_mm.text
+    budget = via_mm.json()["usage"]["prompt_tokens"] - text_tokens
+    assert via_xargs.json()["usage"]["prompt_tokens"] == text_tokens + budget and 1 <= budget < NUM_TOKENS
+    assert via_xargs.json()["choices"][0]["message"] == via_mm.json()["choices"][0]["message"]
+    phi_ref = yaml.safe_load(PRESET.read_text())["hf-overrides"]["promprune"]["phi_ref"]
+    halved = _prompt_tokens(server, {**dyn, "phi_ref": 2 * phi_ref}, seed=30) - text_tokens
+    assert abs(budget - 2 * halved) <= 1
+    after = _metric_values(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("vllm:promprune_planning_passes_total") == 2  # the second route's request was remembered
+    assert delta('vllm:promprune_planned_images_total{source="remembered"}') == 1
+    assert delta('vllm:promprune_planned_rows_total{result="hit"}') == 2
+    assert delta("vllm:promprune_planning_failures_total") == 0
 
 
 def _eval_data(tmp_path: Path) -> Path:

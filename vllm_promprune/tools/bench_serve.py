@@ -102,8 +102,10 @@ class KvCachePoller:
 def load_run(
     url: str, served_name: str, tokenizer: str, budget: str, method: str, concurrency: int,
     num_prompts: int, input_len: int, output_len: int, seed: int, image_size: tuple[int, int],
+    references: dict[str, float] | None = None,
 ) -> RunResult:
-    """One `vllm bench serve` run against `url` with one pruning setting."""
+    """One `vllm bench serve` run against `url` with one pruning setting; `references`
+    ({"phi_ref": ...}) go with every pruned request (adaptive budgets read them)."""
     from vllm.benchmarks import serve as vllm_bench
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -112,7 +114,9 @@ def load_run(
     if budget == NO_PRUNING:  # explicit opt-out, so a server default budget cannot apply
         extra_body: dict = {"mm_processor_kwargs": {"promprune": {"keep": None}}}
     else:
-        extra_body = {"vllm_xargs": {"promprune_keep": int(budget), "promprune_method": method}}
+        xargs = {"promprune_keep": int(budget), "promprune_method": method}
+        xargs.update({f"promprune_{name}": value for name, value in (references or {}).items()})
+        extra_body = {"vllm_xargs": xargs}
     args = parser.parse_args([
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
         "--base-url", url, "--model", served_name, "--tokenizer", tokenizer,
@@ -251,6 +255,8 @@ def main(args: argparse.Namespace) -> None:
     family = served_family(model_dir)
     settings = sweep_settings(args.budgets, args.methods)
     name = args.served_model_name or SERVED_NAME
+    references = {name: value for name, value in (("phi_ref", args.phi_ref), ("entropy_ref", args.entropy_ref))
+                  if value is not None}
     results: list[RunResult] = []
 
     def run_all(url: str) -> None:
@@ -264,7 +270,7 @@ def main(args: argparse.Namespace) -> None:
             for budget, method in settings:
                 result = load_run(
                     url, name, str(model_dir), budget, method, concurrency, num_prompts,
-                    args.input_len, args.output_len, args.seed, family.image_size,
+                    args.input_len, args.output_len, args.seed, family.image_size, references,
                 )
                 results.append(result)
                 print(f"RESULT {json.dumps(asdict(result))}", flush=True)

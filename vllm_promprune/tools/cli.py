@@ -23,15 +23,16 @@ def _json_object(text: str) -> dict[str, object]:
     return value
 
 
-def preset_values(vllm_args: list[str]) -> tuple[dict[str, object], list[str]]:
-    """`hf-overrides` (as a dict) and `middleware` entries of a `--config` YAML, if given.
+def preset_values(vllm_args: list[str]) -> tuple[dict[str, object], list[str], str | None]:
+    """`hf-overrides` (as a dict), `middleware` entries and `worker-extension-cls` of a
+    `--config` YAML, if given.
 
     vLLM lets command-line arguments replace config-file ones wholesale; serve
     merges the preset's overrides instead, so `--keep` on the command line
     changes one setting of a preset rather than dropping the preset's others.
     """
     if "--config" not in vllm_args:
-        return {}, []
+        return {}, [], None
     import yaml
 
     path = vllm_args[vllm_args.index("--config") + 1]
@@ -40,14 +41,15 @@ def preset_values(vllm_args: list[str]) -> tuple[dict[str, object], list[str]]:
     if isinstance(overrides, str):
         overrides = json.loads(overrides)
     middleware = config.get("middleware") or []
-    return dict(overrides), [middleware] if isinstance(middleware, str) else list(middleware)
+    extension = config.get("worker-extension-cls", config.get("worker_extension_cls"))
+    return dict(overrides), [middleware] if isinstance(middleware, str) else list(middleware), extension
 
 
 def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     """vLLM `serve` arguments selecting the pruned architecture and server default."""
     from ..engine.plugin import PRUNED_ARCHITECTURES, hf_overrides, stock_architecture
 
-    preset_overrides, preset_middleware = preset_values(vllm_args)
+    preset_overrides, preset_middleware, preset_extension = preset_values(vllm_args)
     overrides = {**preset_overrides, **(args.hf_overrides or {})}
     default: dict[str, object] = {**overrides.get(SETTINGS_KEY, {}), **(args.promprune or {})}
     if args.keep is not None:
@@ -68,7 +70,8 @@ def serve_argv(args: argparse.Namespace, vllm_args: list[str]) -> list[str]:
     installed = MIDDLEWARE in vllm_args or MIDDLEWARE in preset_middleware
     middleware = [] if installed else ["--middleware", MIDDLEWARE]
     # The planning pass of adaptive budgets (another extension makes them answer 503, saying why).
-    extension = [] if "--worker-extension-cls" in vllm_args else ["--worker-extension-cls", WORKER_EXTENSION]
+    chosen = "--worker-extension-cls" in vllm_args or preset_extension is not None
+    extension = [] if chosen else ["--worker-extension-cls", WORKER_EXTENSION]
     return [args.model, "--hf-overrides", json.dumps(overrides), *middleware, *extension, *vllm_args]
 
 
@@ -98,11 +101,6 @@ def run_vllm_serve(argv: list[str]) -> None:
     version of a distribution named "vllm"), so this builds the same parser
     from `ServeSubcommand` without the `--version` flag.
     """
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Pruning metrics are recorded in vLLM's worker process; multiprocess mode
-        # lets the API server's /metrics aggregate them. Set before prometheus_client
-        # is first imported; a fresh directory per launch, removed at exit.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir()
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
@@ -246,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--input-len", type=int, default=32, help="text tokens per request")
     load.add_argument("--output-len", type=int, default=16)
     load.add_argument("--ratio-keep", default="64", help="budget used for the printed ratios")
+    load.add_argument("--phi-ref", type=float, default=None, help="phi_ref sent with every pruned request (prunesid_dyn)")
+    load.add_argument("--entropy-ref", type=float, default=None, help="entropy_ref sent with every pruned request")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--port", type=int, default=8766)
     load.set_defaults(handler=_bench_serve)
@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
         # Every command that starts vLLM does so through `serve` (in this process, or in a
         # ServerProcess child that comes here): first, before anything imports huggingface_hub.
         apply_cpu_defaults()
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Pruning metrics are recorded in vLLM's worker process (selection) and in the
+            # API server (planning passes); multiprocess mode lets /metrics aggregate them.
+            # Set before prometheus_client is first imported (serve_argv's checkpoint check
+            # imports vLLM); a fresh directory per launch, removed at exit.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir()
         run_vllm_serve(serve_argv(args, vllm_args))
         return
     args = parser.parse_args(argv)
