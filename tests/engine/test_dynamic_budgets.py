@@ -122,6 +122,10 @@ def test_the_server_default_plans_too(tiny_llava: Path, reference) -> None:
     with offline_engine(tiny_llava, {**ENGINE_ARGS, "default_settings": DYN}, pruned=True) as engine:
         assert _image_rows(engine, _request([image], None)) == _budget(reference, image, 32, "phi", PHI_REF)
         assert _image_rows(engine, _request([image], {"keep": None})) == NUM_TOKENS  # opting out still works
+        # The first image from the processor cache, the second processed: planned budgets follow each.
+        other = textured_image(10)
+        both = _budget(reference, image, 32, "phi", PHI_REF) + _budget(reference, other, 32, "phi", PHI_REF)
+        assert _image_rows(engine, _request([image, other], None, TWO_IMAGES)) == both
 
 
 def test_the_tower_runs_once_per_planned_image_and_twice_without_the_cache(llm) -> None:

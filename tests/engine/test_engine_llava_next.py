@@ -347,3 +347,27 @@ def test_per_image_budget_list_must_match_images(pruned_llm) -> None:
     with pytest.raises(ValueError, match=r"image 1: .*promprune\.keep"):
         run(pruned_llm, [CASES.request([CASES.scene("wide"), CASES.scene("tall")], {"keep": [8, 0]}, TWO_IMAGES)])
     assert len(run(pruned_llm, [CASES.request([CASES.scene("wide")], {"keep": 8})])[0][1]) == 8
+
+
+@pytest.mark.parametrize("budget_mode", ["global", "per_crop"])
+def test_prunesid_dyn_budgets_follow_phi_and_match_the_reference(pruned_llm, reference, budget_mode: str) -> None:
+    """Adaptive budgets (docs/dynamic-budgets.md): K_i from the phi of the image's content
+    tokens, planned once, then the reference's rows for that fixed K_i; the planning pass's
+    rows serve the request (one tower run per view)."""
+    from vllm_promprune.pruning import image_complexity
+
+    keep, phi_ref = 96, 0.4
+    settings = {"method": "prunesid_dyn", "keep": keep, "phi_ref": phi_ref, "budget_mode": budget_mode}
+    images = [CASES.textured(size) for size in SIZES]
+    results = run(pruned_llm, [CASES.request([image], settings) for image in images])
+    budgets = []
+    for size, image, result in zip(SIZES, images, results):
+        patches, _, _ = reference.split_inputs(image)
+        scaled = keep * image_complexity("phi", patches, lambda patches=patches: patches) / phi_ref
+        assert abs(scaled - int(scaled) - 0.5) > 0.02, f"{size}: {scaled} is too close to a rounding boundary"
+        budgets.append(round(scaled))
+        fixed = {"method": "prunesid", "keep": budgets[-1], "budget_mode": budget_mode}
+        assert result == _expected(reference, [image], fixed), size
+    assert len(set(budgets)) == len(SIZES)
+    scenes = [CASES.request([CASES.scene(size, 30 + (budget_mode == "global"))], settings) for size in SIZES]
+    assert tower_runs(pruned_llm, scenes) == sum(_layout(size).num_views for size in SIZES)

@@ -491,6 +491,13 @@ def test_methods_needing_a_cls_token_are_refused(pruned_llm, cases, method: str)
     assert len(run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8})])[0][1]) == 8
 
 
+def test_adaptive_budgets_are_refused_naming_the_field(pruned_llm, cases) -> None:
+    adaptive = {"keep": 8, "method": "divprune", "keep_mode": "adaptive", "phi_ref": 0.4}
+    with pytest.raises(ValueError, match=r"promprune\.keep_mode: adaptive budgets .* not served for Qwen-VL"):
+        run(pruned_llm, [cases.request([cases.scene("square")], adaptive)])
+    assert len(run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8})])[0][1]) == 8
+
+
 def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm, reference, family: str) -> None:
     request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video(seed=20)}}
     stock = _solo_with_positions(stock_llm, request)

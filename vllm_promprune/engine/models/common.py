@@ -226,16 +226,15 @@ class PruningProcessorMixin:
     ) -> Mapping[str, object]:
         # vLLM processes only the images missing from its processor cache, numbered
         # from 0: per-image budget lists must be cut down to those images.
-        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
-        raw = kwargs.get(SETTINGS_KEY)
-        if not isinstance(raw, Mapping):
-            return kwargs
+        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))
         cached = mm_is_cached.get("image", [])
-        check_per_image_lengths(raw, len(cached))
         missing = [image for image, is_cached in enumerate(cached) if not is_cached]
-        kwargs = {**kwargs, SETTINGS_KEY: select_images(raw, missing)}
-        if kwargs.get(PLANNED_KEY) is not None:
+        if kwargs.get(PLANNED_KEY) is not None:  # planned under a request's or the server's settings
             kwargs[PLANNED_KEY] = [kwargs[PLANNED_KEY][image] for image in missing]
+        raw = kwargs.get(SETTINGS_KEY)
+        if isinstance(raw, Mapping):
+            check_per_image_lengths(raw, len(cached))
+            kwargs[SETTINGS_KEY] = select_images(raw, missing)
         return kwargs
 
     def num_images(self, processed_data: BatchFeature) -> int:
