@@ -118,17 +118,13 @@ def _accepted(
     inputs: frozenset[str] = CLS_TOWER_INPUTS,
     tower_name: str = "the tower",
     option_defaults: dict[str, object] | None = None,
-    plans_budgets: bool = True,
 ) -> list[PruneSettings] | None:
-    """What the processor would accept (None: it answers 400); adaptive budgets only where
-    the family plans them (`PruningProcessorMixin.plans_budgets`)."""
+    """What the processor would accept (None: it answers 400)."""
     try:
         parsed = parse_image_settings(raw, num_images, default, option_defaults)
         for image_settings in parsed:
             image_settings.check_inputs(inputs, tower_name)
     except ValueError:
-        return None
-    if not plans_budgets and any(image_settings.needs_plan for image_settings in parsed):
         return None
     return parsed
 
@@ -242,13 +238,15 @@ def test_qwen_accepts_only_what_runs(
 ) -> None:
     raw = data.draw(raw_settings(NUM_PATCHES, method))
     num_tokens = grid[0] * grid[1]
-    parsed = _accepted(raw, 1, default, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, QWEN_OPTION_DEFAULTS, plans_budgets=False)
+    parsed = _accepted(raw, 1, default, QWEN_TOWER_INPUTS, QWEN_TOWER_NAME, QWEN_OPTION_DEFAULTS)
     if parsed is None or not parsed[0].prunes(num_tokens):
         return
     tower = _tower(1, num_tokens, torch.Generator().manual_seed(seed), keys=False)
     tower = TowerOutput(torch.cat([torch.zeros_like(tower.hidden[:, :1]), tower.hidden[:, 1:]], dim=1), tower.saliency, None)
-    (pruned,) = prune_images_indexed(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
-    assert pruned.rows.shape == (parsed[0].kept_tokens(num_tokens), WIDTH)
+    with _planning() as current:
+        (pruned,) = prune_images_indexed(tower, parsed, _project, instructions=_instructions(parsed, instruction, seed))
+    (planned,) = _planned(parsed, current)
+    assert pruned.rows.shape == (planned.kept_tokens(num_tokens), WIDTH)
     offsets = grid_offsets(pruned.kept, grid[1])
     assert offsets[:, 1].max() < grid[0] and offsets[:, 2].max() < grid[1]
 

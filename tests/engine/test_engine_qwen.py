@@ -53,6 +53,7 @@ from .conftest import (
     take_recorded_buffers,
     take_recorded_positions,
     take_recorded_towers,
+    tower_runs,
 )
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -491,11 +492,26 @@ def test_methods_needing_a_cls_token_are_refused(pruned_llm, cases, method: str)
     assert len(run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8})])[0][1]) == 8
 
 
-def test_adaptive_budgets_are_refused_naming_the_field(pruned_llm, cases) -> None:
-    adaptive = {"keep": 8, "method": "divprune", "keep_mode": "adaptive", "phi_ref": 0.4}
-    with pytest.raises(ValueError, match=r"promprune\.keep_mode: adaptive budgets .* not served for Qwen-VL"):
-        run(pruned_llm, [cases.request([cases.scene("square")], adaptive)])
-    assert len(run(pruned_llm, [cases.request([cases.scene("square")], {"keep": 8})])[0][1]) == 8
+def test_adaptive_budgets_follow_complexity_and_match_the_reference(pruned_llm, reference, cases) -> None:
+    """Adaptive budgets (docs/dynamic-budgets.md): K_i from the phi of the image's merged
+    tokens, planned once (the pass's rows serve the request), then the reference's rows and
+    positions for that fixed K_i."""
+    from vllm_promprune.pruning import image_complexity
+
+    keep, phi_ref = 48, 0.5
+    settings = {"keep": keep, "method": "divprune", "keep_mode": "adaptive", "phi_ref": phi_ref}
+    images = [cases.textured(size) for size in SIZE_NAMES]
+    results = run(pruned_llm, [cases.request([image], settings) for image in images])
+    budgets = []
+    for size, image, result in zip(SIZE_NAMES, images, results):
+        patches, _, _ = reference.split_inputs(image)
+        scaled = keep * image_complexity("phi", patches, lambda patches=patches: patches) / phi_ref
+        assert abs(scaled - int(scaled) - 0.5) > 0.02, f"{size}: {scaled} is too close to a rounding boundary"
+        budgets.append(round(scaled))
+        expected_ids, expected_tokens, _ = reference.greedy(PROMPT, [image], {"keep": budgets[-1], "method": "divprune"})
+        assert result == (expected_ids, expected_tokens), size
+    scenes = [cases.request([cases.scene(size, 60)], settings) for size in SIZE_NAMES]
+    assert tower_runs(pruned_llm, scenes) == len(SIZE_NAMES)  # the planning passes' runs only
 
 
 def test_videos_are_served_as_by_stock_vllm(stock_llm, pruned_llm, reference, family: str) -> None:

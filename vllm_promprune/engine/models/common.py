@@ -101,9 +101,6 @@ class PruningProcessorMixin:
     tower_inputs: ClassVar[frozenset[str]] = CLS_TOWER_INPUTS
     """The `TokenBatch` inputs this family's tower provides (methods needing others are refused)."""
     tower_name: ClassVar[str] = CLS_TOWER_NAME
-    plans_budgets: ClassVar[bool] = False
-    """Whether this family serves adaptive budgets (`keep_mode: "adaptive"`, `prunesid_dyn`)."""
-    family_name: ClassVar[str] = "this model"
 
     def prune_settings(self, hf_processor_mm_kwargs: Mapping[str, object], num_images: int) -> list[PruneSettings]:
         """Validated settings for each of the `num_images` images being processed."""
@@ -135,7 +132,8 @@ class PruningProcessorMixin:
         # The request's instruction rides along with the pruning settings, so that hashing
         # (an image's identity includes it when its method reads it) and processing both see it.
         instruction = self.instruction_tokens(inputs.prompt)
-        inputs = replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, INSTRUCTION_KEY: instruction})
+        own = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != PLANNED_KEY}  # only the pass plans
+        inputs = replace(inputs, hf_processor_mm_kwargs={**own, INSTRUCTION_KEY: instruction})
         planned = self.planned_budgets(inputs)
         if planned is not None:
             inputs = replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, PLANNED_KEY: planned})
@@ -152,11 +150,6 @@ class PruningProcessorMixin:
         adaptive = [image for image, image_settings in enumerate(settings) if image_settings.needs_plan]
         if not adaptive:
             return None
-        if not self.plans_budgets:
-            raise ValueError(
-                f"{SETTINGS_KEY}.keep_mode: adaptive budgets ('adaptive', 'prunesid_dyn') are not served for "
-                f"{self.family_name} yet (LLaVA-1.5 and LLaVA-NeXT serve them); use a fixed keep"
-            )
         if not isinstance(inputs.mm_data_items.get("image"), ImageProcessorItems):
             raise ValueError(f"{SETTINGS_KEY}.keep_mode: adaptive budgets need image pixels, not embeddings")
         plan_keys = self._get_mm_hashes(inputs)["image"]

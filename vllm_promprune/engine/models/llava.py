@@ -36,7 +36,7 @@ class PromPruneLlavaProcessingInfo(UnprunedMaxTokensMixin, LlavaProcessingInfo):
 
 
 class PromPruneLlavaMultiModalProcessor(PruningProcessorMixin, LlavaMultiModalProcessor):
-    plans_budgets = True
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(

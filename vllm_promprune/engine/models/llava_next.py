@@ -48,8 +48,6 @@ class PromPruneLlavaNextProcessingInfo(UnprunedMaxTokensMixin, LlavaNextProcessi
 
 
 class PromPruneLlavaNextMultiModalProcessor(PruningProcessorMixin, LlavaNextMultiModalProcessor):
-    plans_budgets = True
-
     def content_tokens(self, mm_items: MultiModalDataItems, item_idx: int, num_stock: int) -> int:
         size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
         layout = layout_for(self.info.get_hf_config(), size.height, size.width)

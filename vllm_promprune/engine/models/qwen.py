@@ -83,7 +83,6 @@ class PrunedQwenProcessorMixin(PruningProcessorMixin):
     option_defaults = QWEN_OPTION_DEFAULTS
     tower_inputs = QWEN_TOWER_INPUTS
     tower_name = QWEN_TOWER_NAME
-    family_name = "Qwen-VL"
 
     mrope_cache_factor: ClassVar[int] = 4
     """vLLM's M-RoPE cos/sin cache holds max_position_embeddings x this positions (Qwen2/2.5-VL: 4;
