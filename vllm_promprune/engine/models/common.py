@@ -454,7 +454,10 @@ def pruned_image_embeddings(
     (`instruction_field`, with the LLM's `embed_tokens`), runs `embed` over
     micro-batches of at most `budget` tower units and checks that each image returns
     exactly as many rows as it has placeholders (vLLM would silently use the first
-    rows if there were more).
+    rows if there were more). A micro-batch whose images all have rows from their
+    adaptive-budget planning pass (`planning.PLANNED`) takes those instead of running
+    `embed`; the planning pass itself comes here with unplanned settings, whose row
+    counts selection decides.
     """
     decoded = decode_settings(field, len(geometry))
     if decoded and isinstance(decoded[0], str):
