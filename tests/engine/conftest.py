@@ -134,6 +134,22 @@ def image_request(prompt: str, images: list, settings: dict | None = None) -> di
     return request
 
 
+PLANNED_ROUNDING_MARGIN = 0.02
+"""How far (in tokens) keep * c_i / c_ref of an adaptive-budget test image must be from a rounding
+boundary: engine and reference complexities differ by float rounding (~1e-6)."""
+
+
+def planned_budget(reference, image: object, keep: int, signal: str, ref: float) -> int:
+    """The K_i an adaptive budget gives `image` (before the clamp to N), from the transformers
+    reference's own complexity (`pruning.image_complexity` of `split_inputs`' tokens)."""
+    from vllm_promprune.pruning import image_complexity
+
+    patches, projected, _ = reference.split_inputs(image)
+    scaled = keep * image_complexity(signal, patches, lambda: projected) / ref
+    assert abs(scaled - int(scaled) - 0.5) > PLANNED_ROUNDING_MARGIN, f"{scaled}: too close to a rounding boundary"
+    return max(1, round(scaled))
+
+
 def greedy_params(max_tokens: int = 8, logprobs: int | None = None):  # noqa: ANN201
     from vllm import SamplingParams
 

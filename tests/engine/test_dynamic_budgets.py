@@ -4,7 +4,7 @@ the planning pass, its cache, identities and failures, on the tiny LLaVA-1.5 che
 Each served image's budget must be the one the transformers reference's complexity gives
 (K_i = max(1, round(keep * c_i / c_ref))), and its rows what the reference keeps with
 that fixed budget. The reference cases use textured images whose c_i sit far from a
-rounding boundary of keep * c_i / c_ref (asserted: `_budget`).
+rounding boundary of keep * c_i / c_ref (asserted: `planned_budget`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from vllm_promprune.testing.synthetic import scene_image, textured_image
 
-from .conftest import greedy_params, offline_engine, run, tower_runs
+from .conftest import greedy_params, offline_engine, planned_budget, run, tower_runs
 
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nWhich picture has more red? ASSISTANT:"
@@ -29,7 +28,6 @@ NUM_TOKENS = 576
 PHI_REF = 0.4  # textured seeds 1, 10, 11: phi 0.378, 0.239, 0.546 -> K 30, 19, 44 at keep 32
 ENTROPY_REF = 0.7
 DYN = {"method": "prunesid_dyn", "keep": 32, "phi_ref": PHI_REF}
-ROUNDING_MARGIN = 0.02  # |keep * c / c_ref - (n + 1/2)| of a reference case, in tokens
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +50,8 @@ def _request(images: list, settings: dict | None, prompt: str = PROMPT) -> dict:
     return request
 
 
-def _complexity(reference, image, signal: str) -> float:
-    from vllm_promprune.pruning import image_complexity
-
-    with torch.inference_mode():
-        tower = reference.tower_output(reference.pixel_values([image]))
-        patches = tower.hidden[0, 1:]
-        return image_complexity(signal, patches, lambda: reference.model.model.multi_modal_projector(patches))
-
-
 def _budget(reference, image, keep: int, signal: str, ref: float) -> int:
-    scaled = keep * _complexity(reference, image, signal) / ref
-    assert abs(scaled - int(scaled) - 0.5) > ROUNDING_MARGIN, f"{scaled}: too close to a rounding boundary"
-    return min(NUM_TOKENS, max(1, round(scaled)))
+    return min(NUM_TOKENS, planned_budget(reference, image, keep, signal, ref))
 
 
 def _image_rows(llm, request: dict) -> int:

@@ -31,6 +31,7 @@ from .conftest import (
     jittered,
     max_differences,
     offline_engine,
+    planned_budget,
     run,
     same_selections,
     selections,
@@ -354,18 +355,13 @@ def test_prunesid_dyn_budgets_follow_phi_and_match_the_reference(pruned_llm, ref
     """Adaptive budgets (docs/dynamic-budgets.md): K_i from the phi of the image's content
     tokens, planned once, then the reference's rows for that fixed K_i; the planning pass's
     rows serve the request (one tower run per view)."""
-    from vllm_promprune.pruning import image_complexity
-
     keep, phi_ref = 96, 0.4
     settings = {"method": "prunesid_dyn", "keep": keep, "phi_ref": phi_ref, "budget_mode": budget_mode}
     images = [CASES.textured(size) for size in SIZES]
     results = run(pruned_llm, [CASES.request([image], settings) for image in images])
     budgets = []
     for size, image, result in zip(SIZES, images, results):
-        patches, _, _ = reference.split_inputs(image)
-        scaled = keep * image_complexity("phi", patches, lambda patches=patches: patches) / phi_ref
-        assert abs(scaled - int(scaled) - 0.5) > 0.02, f"{size}: {scaled} is too close to a rounding boundary"
-        budgets.append(round(scaled))
+        budgets.append(planned_budget(reference, image, keep, "phi", phi_ref))
         fixed = {"method": "prunesid", "keep": budgets[-1], "budget_mode": budget_mode}
         assert result == _expected(reference, [image], fixed), size
     assert len(set(budgets)) == len(SIZES)

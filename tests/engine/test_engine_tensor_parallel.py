@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_promprune.reference import load_reference
 from vllm_promprune.testing.synthetic import textured_image
 
-from .conftest import CPU_HAS_AVX512, image_request, offline_engine, run
+from .conftest import CPU_HAS_AVX512, image_request, offline_engine, planned_budget, run
 
 LLAVA_PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 QWEN_PROMPT = (
@@ -132,23 +133,13 @@ def _check_family(model: Path, requests: list[dict], keeps: list[int], *, agains
 
 
 def test_llava_tp2(tiny_llava: Path, two_cores_bound: None) -> None:
+
     requests = [image_request(LLAVA_PROMPT, [textured_image(seed)], s) for seed, s in enumerate(SETTINGS)]
     # Adaptive budgets: the planning pass runs on both ranks (the tower is sharded), each
     # keeps the rows, and the request takes them: still one selection per request and rank.
     requests.append(image_request(LLAVA_PROMPT, [textured_image(1)], {"method": "prunesid_dyn", "keep": 32, "phi_ref": 0.4}))
-    keeps = [s["keep"] for s in SETTINGS] + [_planned_keep(tiny_llava, textured_image(1), 32, 0.4)]
+    keeps = [s["keep"] for s in SETTINGS] + [planned_budget(load_reference(tiny_llava), textured_image(1), 32, "phi", 0.4)]
     _check_family(tiny_llava, requests, keeps, against_tp1=CPU_HAS_AVX512)
-
-
-def _planned_keep(model: Path, image: object, keep: int, phi_ref: float) -> int:
-    """K_i of an adaptive image from the transformers reference's phi (far from a rounding boundary)."""
-    from vllm_promprune.pruning import image_complexity
-    from vllm_promprune.reference import load_reference
-
-    patches, _, _ = load_reference(model).split_inputs(image)
-    scaled = keep * image_complexity("phi", patches, lambda: patches) / phi_ref
-    assert abs(scaled - int(scaled) - 0.5) > 0.02
-    return round(scaled)
 
 
 def test_qwen2_5_vl_tp2(tiny_qwen2_5_vl: Path, two_cores_bound: None) -> None:
