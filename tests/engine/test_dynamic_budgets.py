@@ -134,6 +134,13 @@ def test_the_tower_runs_once_per_planned_image_and_twice_without_the_cache(llm) 
         llm.apply_model(set_cache_bytes(default))
 
 
+def test_a_planned_image_beside_a_fixed_one_is_not_encoded_again(llm) -> None:
+    """One encoder micro-batch with a planned image and a fixed-budget one: the tower runs
+    for the planning pass and the fixed image only."""
+    requests = [_request([scene_image(48)], DYN), _request([scene_image(49)], {"keep": 16})]
+    assert tower_runs(llm, requests) == 2
+
+
 def test_an_images_identity_includes_its_planned_budget(llm) -> None:
     """The same image planned under another reference gets another budget and identity
     (no stale encoder output); the same settings again are served from the caches with

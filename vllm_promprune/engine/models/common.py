@@ -454,10 +454,9 @@ def pruned_image_embeddings(
     (`instruction_field`, with the LLM's `embed_tokens`), runs `embed` over
     micro-batches of at most `budget` tower units and checks that each image returns
     exactly as many rows as it has placeholders (vLLM would silently use the first
-    rows if there were more). A micro-batch whose images all have rows from their
-    adaptive-budget planning pass (`planning.PLANNED`) takes those instead of running
-    `embed`; the planning pass itself comes here with unplanned settings, whose row
-    counts selection decides.
+    rows if there were more). Images with rows from their adaptive-budget planning pass
+    (`planning.PLANNED`) take those; only the others run through `embed`. The planning
+    pass itself comes here with unplanned settings, whose row counts selection decides.
     """
     decoded = decode_settings(field, len(geometry))
     if decoded and isinstance(decoded[0], str):
@@ -476,10 +475,15 @@ def pruned_image_embeddings(
     instructions = instruction_embeddings(instruction_field, settings, embed_tokens)
     rows: list[torch.Tensor] = []
     for start, stop in micro_batches([image.tower_cost for image in geometry], budget):
-        if all(planned is not None for planned in planned_rows[start:stop]):
-            rows.extend(planned_rows[start:stop])  # type: ignore[arg-type]
-        else:
-            rows.extend(embed(start, stop, settings[start:stop], instructions[start:stop]))
+        # Planned rows as they are; the images between them through `embed`, run by run.
+        while start < stop:
+            if planned_rows[start] is not None:
+                rows.append(planned_rows[start])  # type: ignore[arg-type]
+                start += 1
+                continue
+            end = next((i for i in range(start, stop) if planned_rows[i] is not None), stop)
+            rows.extend(embed(start, end, settings[start:end], instructions[start:end]))
+            start = end
     for index, (image_rows, image_settings, image) in enumerate(zip(rows, settings, geometry, strict=True)):
         if image_settings.needs_plan:
             continue  # the planning pass: the budget was decided from the tower (`pruning.plan_budgets`)
